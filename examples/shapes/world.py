@@ -1,0 +1,295 @@
+"""The "shapes" world: a seeded benchmark where the query shift is real.
+
+Each image is one object (shape, colour, size, position) on a plain background. A tiny
+CLIP is trained on `caption_en` only, so it reads short English in those few styles;
+`query_zh` (Chinese) and `query_long` (rambling English longer than the text encoder's
+32-token window) describe the same scenes in ways it never saw. A rewriter has to map
+them back to the retriever's words, which is what GRAPE's GRPO stage learns.
+
+Everything is a pure function of its seed: the corpus, the pairs and every render.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart"]
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+POSITIONS = ["left", "right", "top", "bottom", "center"]
+SIZES = ["small", "large"]
+ATTRIBUTES = ["shape", "color", "background", "position", "size"]
+
+ZH_SHAPES = dict(zip(SHAPES, ["圆形", "正方形", "三角形", "星星", "十字", "圆环", "菱形", "爱心"],
+                     strict=True))
+ZH_COLORS = dict(zip(COLORS, ["红色", "绿色", "蓝色", "黄色", "紫色", "橙色", "白色", "黑色"],
+                     strict=True))
+ZH_POSITIONS = dict(zip(POSITIONS, ["左边", "右边", "上面", "下面", "中间"], strict=True))
+ZH_SIZES = dict(zip(SIZES, ["小", "大"], strict=True))
+
+RGB = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 80, 215),
+       "yellow": (240, 215, 40), "purple": (135, 55, 185), "orange": (245, 135, 25),
+       "white": (240, 240, 240), "black": (25, 25, 25)}
+# Object centre as a fraction of the image; 0.28 keeps a large shape (<= 34 px) in frame.
+CENTERS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28),
+           "bottom": (0.5, 0.72), "center": (0.5, 0.5)}
+SIZE_PX = {"small": (14, 18), "large": (28, 34)}  # bounding box side at 64 px
+SUPERSAMPLE = 4  # draw large, then downsample: antialiased edges like a real photo
+
+
+@dataclass(frozen=True)
+class Scene:
+    file: str
+    shape: str
+    color: str
+    background: str
+    position: str
+    size: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scene:
+        return cls(**{k: d[k] for k in ("file", *ATTRIBUTES)})
+
+    @property
+    def combo(self) -> tuple[str, str, str, str, str]:
+        """The attributes alone: what a query can tell apart (the file name is not)."""
+        return (self.shape, self.color, self.background, self.position, self.size)
+
+
+def all_combos() -> list[tuple[str, str, str, str, str]]:
+    """Every valid (shape, color, background, position, size): 4,480 of them."""
+    return [c for c in itertools.product(SHAPES, COLORS, COLORS, POSITIONS, SIZES)
+            if c[1] != c[2]]
+
+
+def make_scenes(n: int = 2000, seed: int = 0) -> list[Scene]:
+    combos = all_combos()
+    if not 0 < n <= len(combos):
+        raise ValueError(f"n must be in 1..{len(combos)}, got {n}")
+    picked = random.Random(seed).sample(combos, n)
+    # Every 4th file a PNG: the corpus should exercise both decoders.
+    return [Scene(f"img_{i:05d}.{'png' if i % 4 == 3 else 'jpg'}", *c)
+            for i, c in enumerate(picked)]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _jitter_rgb(rgb: tuple[int, int, int], rng: random.Random, amount: int = 14):
+    return tuple(min(255, max(0, v + rng.randint(-amount, amount))) for v in rgb)
+
+
+def _star(cx: float, cy: float, r: float, inner: float = 0.42) -> list[tuple[float, float]]:
+    return [(cx + rr * math.sin(k * math.pi / 5), cy - rr * math.cos(k * math.pi / 5))
+            for k in range(10) for rr in [r if k % 2 == 0 else r * inner]]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: float,
+                fill: tuple[int, int, int]) -> None:
+    h = s / 2
+    if shape == "circle":
+        draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "square":
+        q = h * 0.88  # a square's corners reach further than a circle: even out area
+        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - h), (cx + h, cy + h * 0.8), (cx - h, cy + h * 0.8)], fill=fill)
+    elif shape == "star":
+        draw.polygon(_star(cx, cy + h * 0.08, h * 1.08), fill=fill)
+    elif shape == "cross":
+        t = s * 0.17
+        draw.rectangle([cx - h, cy - t, cx + h, cy + t], fill=fill)
+        draw.rectangle([cx - t, cy - h, cx + t, cy + h], fill=fill)
+    elif shape == "ring":
+        draw.ellipse([cx - h, cy - h, cx + h, cy + h], outline=fill, width=round(s * 0.2))
+    elif shape == "diamond":  # narrower than a turned square, so it reads as a rhombus
+        draw.polygon([(cx, cy - h), (cx + h * 0.68, cy), (cx, cy + h), (cx - h * 0.68, cy)],
+                     fill=fill)
+    elif shape == "heart":
+        r = s * 0.26
+        for dx in (-1, 1):
+            x = cx + dx * s * 0.22
+            draw.ellipse([x - r, cy - h * 0.3 - r, x + r, cy - h * 0.3 + r], fill=fill)
+        draw.polygon([(cx - s * 0.47, cy - h * 0.18), (cx + s * 0.47, cy - h * 0.18),
+                      (cx, cy + h * 0.95)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_scene(scene: Scene, rng: random.Random, image_size: int = 64) -> Image.Image:
+    """The scene with jittered size, position and colours, plus a little pixel noise."""
+    lo, hi = SIZE_PX[scene.size]
+    s = rng.uniform(lo, hi) * image_size / 64
+    fx, fy = CENTERS[scene.position]
+    j = image_size * 0.05  # +-3 px at 64: positions stay well apart
+    half, margin = s / 2, image_size * 0.02
+    cx = min(max(fx * image_size + rng.uniform(-j, j), half + margin), image_size - half - margin)
+    cy = min(max(fy * image_size + rng.uniform(-j, j), half + margin), image_size - half - margin)
+
+    k = SUPERSAMPLE
+    img = Image.new("RGB", (image_size * k, image_size * k), _jitter_rgb(RGB[scene.background], rng))
+    _draw_shape(ImageDraw.Draw(img), scene.shape, cx * k, cy * k, s * k,
+                _jitter_rgb(RGB[scene.color], rng))
+    img = img.resize((image_size, image_size), Image.Resampling.BOX)
+    noise = np.random.default_rng(rng.getrandbits(64)).normal(0, 4, (image_size, image_size, 3))
+    arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def scene_rng(seed: int, key: str) -> random.Random:
+    """A generator per (seed, image): renders do not depend on order or on other images."""
+    return random.Random(f"{seed}:{key}")
+
+
+def write_corpus(out_dir: str | Path, scenes: list[Scene], image_size: int = 64,
+                 seed: int = 0) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for sc in scenes:
+        img = render_scene(sc, scene_rng(seed, sc.file), image_size)
+        if sc.file.endswith(".png"):
+            img.save(out / sc.file)
+        else:
+            img.save(out / sc.file, quality=92)
+    with open(out / "scenes.jsonl", "w", encoding="utf-8") as f:
+        for sc in scenes:
+            f.write(json.dumps(sc.to_dict()) + "\n")
+    return out
+
+
+def load_scenes(corpus_dir: str | Path) -> list[Scene]:
+    with open(Path(corpus_dir) / "scenes.jsonl", encoding="utf-8") as f:
+        return [Scene.from_dict(json.loads(line)) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------- language
+
+EN_POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top",
+                "bottom": "at the bottom", "center": "in the center"}
+# The retriever's own styles: the only text it is trained on.
+EN_TEMPLATES = [
+    "a {size} {color} {shape} {pos}, {background} background",
+    "{size} {color} {shape} {pos} on a {background} background",
+    "a {background} background with a {size} {color} {shape} {pos}",
+    "{pos}, a {size} {color} {shape}, {background} background",
+]
+
+
+def caption_en(scene: Scene, rng: random.Random) -> str:
+    return rng.choice(EN_TEMPLATES).format(
+        size=scene.size, color=scene.color, shape=scene.shape,
+        pos=EN_POSITIONS[scene.position], background=scene.background)
+
+
+ZH_TEMPLATES = [
+    "{bg}上{pos}有一个{size}的{color}{shape}",
+    "一个{size}{color}{shape}在{pos}，{bg}",
+    "{bg}，{pos}是一个{color}的{size}{shape}",
+    "找一张{bg}的图片，{pos}有{size}{color}{shape}",
+    "图片{pos}有一个{size}{color}{shape}，{bg}",
+    "{color}{shape}，{size}的，在{pos}，{bg}",
+]
+
+
+def query_zh(scene: Scene, rng: random.Random) -> str:
+    return rng.choice(ZH_TEMPLATES).format(
+        size=ZH_SIZES[scene.size], color=ZH_COLORS[scene.color], shape=ZH_SHAPES[scene.shape],
+        pos=ZH_POSITIONS[scene.position], bg=ZH_COLORS[scene.background] + "背景")
+
+
+FILLER = [
+    "I took this picture a while ago and I have been trying to find it again for days.",
+    "My photo folder is a complete mess, there are thousands of files in there.",
+    "It was for a presentation at work, or maybe it was for my niece, I forget.",
+    "Honestly I should have given the files better names when I saved them.",
+    "A friend asked me to send it to her and now I cannot find it anywhere.",
+    "I remember it looked quite simple, nothing fancy at all.",
+    "There were a lot of similar ones so please look carefully.",
+    "I hope this makes sense, I am not very good at describing pictures.",
+]
+LONG_SHAPE = ["the thing in it was a {shape}, I am fairly sure",
+              "there was this {shape}, or at least it looked like a {shape} to me",
+              "I keep thinking of the {shape} in it"]
+LONG_COLOR = ["it was {color}, kind of a {color} colour I believe",
+              "the colour of it was {color} if I remember right",
+              "it was {color}"]
+LONG_SIZE = ["it was pretty {size} compared to the picture", "not huge or tiny, well, {size} really",
+             "I would call it {size}"]
+LONG_POS = {"left": "it sat over on the left side", "right": "it was off to the right",
+            "top": "it was up at the top", "bottom": "it was down at the bottom",
+            "center": "it was right in the center"}
+LONG_BG = ["behind it everything was {background}", "the whole background was {background}",
+           "with a plain {background} background"]
+
+
+def query_long(scene: Scene, rng: random.Random) -> str:
+    """Filler first, then the attributes scattered over rambling clauses in random order.
+
+    The filler alone is longer than the retriever's 32 tokens, so the description is
+    mostly cut off; what survives is buried in words the retriever never saw.
+    """
+    parts = [rng.choice(LONG_SHAPE).format(shape=scene.shape),
+             rng.choice(LONG_COLOR).format(color=scene.color),
+             rng.choice(LONG_SIZE).format(size=scene.size),
+             LONG_POS[scene.position],
+             rng.choice(LONG_BG).format(background=scene.background)]
+    rng.shuffle(parts)
+    head = rng.sample(FILLER, rng.randint(2, 3))
+    tail = rng.sample([f for f in FILLER if f not in head], rng.randint(0, 1))
+    desc = "So, " + ", and ".join(parts) + "."
+    return " ".join([*head, desc, *tail])
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_scenes(scenes: list[Scene], heldout_fraction: float = 0.2,
+                 seed: int = 0) -> tuple[list[Scene], list[Scene]]:
+    order = list(range(len(scenes)))
+    random.Random(seed).shuffle(order)
+    n_held = round(len(scenes) * heldout_fraction)
+    held = set(order[:n_held])
+    return ([s for i, s in enumerate(scenes) if i not in held],
+            [s for i, s in enumerate(scenes) if i in held])
+
+
+def write_pairs(corpus_dir: str | Path, pairs_dir: str | Path, train: list[Scene],
+                heldout: list[Scene], seed: int = 0) -> dict[str, Path]:
+    """Query/target files; train gets two queries per scene, held-out one.
+
+    Targets are relative to the pairs file so the folder pair can be moved as a whole.
+    """
+    pairs_dir = Path(pairs_dir)
+    pairs_dir.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(Path(corpus_dir).resolve(), pairs_dir.resolve())
+    jobs = {"train-zh": (train, query_zh, 2), "heldout-zh": (heldout, query_zh, 1),
+            "train-long": (train, query_long, 2), "heldout-long": (heldout, query_long, 1),
+            "heldout-en": (heldout, caption_en, 1)}
+    out = {}
+    for name, (scenes, fn, per_scene) in jobs.items():
+        path = pairs_dir / f"{name}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for sc in scenes:
+                rng = scene_rng(seed, f"{name}:{sc.file}")
+                queries: list[str] = []
+                for _ in range(per_scene * 5):  # a few tries for distinct phrasings
+                    if len(queries) == per_scene:
+                        break
+                    if (q := fn(sc, rng)) not in queries:
+                        queries.append(q)
+                target = Path(rel, sc.file).as_posix()
+                for q in queries:
+                    f.write(json.dumps({"query": q, "target": target}, ensure_ascii=False) + "\n")
+        out[name] = path
+    return out

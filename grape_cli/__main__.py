@@ -1,0 +1,3 @@
+from grape_cli.cli import main
+
+main()

@@ -1,0 +1,100 @@
+"""`grape index` and `grape info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from grape_cli.cli import app
+from grape_cli.cli.render import RichProgress, console, print_json
+
+INDEX_HELP = "Index folder. Default: $GRAPE_INDEX, else $GRAPE_HOME/index."
+
+
+@app.command("index")
+def index_cmd(
+    paths: list[Path] = typer.Argument(..., help="Folders of images (searched recursively)."),
+    index: Path = typer.Option(None, "--index", envvar="GRAPE_INDEX", help=INDEX_HELP),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="open_clip model: ARCH:TAG (default ViT-B-32:laion2b_s34b_b79k "
+        "for a new index), hf-hub:org/repo, or a local open_clip folder. An existing index "
+        "keeps its own model.",
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per model batch."),
+    workers: int = typer.Option(
+        None, "--workers", min=0, help="Decoding processes (default: number of CPUs, max 8)."
+    ),
+    exclude: list[str] = typer.Option(
+        [], "--exclude", help="Glob to skip (name or relative path); repeatable."
+    ),
+    keep_missing: bool = typer.Option(
+        False, "--keep-missing", help="Keep rows of files no longer on disk."
+    ),
+    device: str = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu (default: best)."),
+    precision: str = typer.Option(
+        None, "--precision", help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Embed the images under PATHS into the index; re-run any time to pick up changes.
+
+    Unchanged files (same path, size and mtime) are skipped, changed ones re-embedded,
+    deleted ones removed, and moved or renamed ones reuse their stored embedding. Bad
+    files are skipped and listed with the reason. Safe to interrupt: re-run to resume.
+    """
+    from grape_cli.index import index_folders
+
+    with RichProgress(enabled=not json_out) as progress:
+        summary = index_folders(
+            paths,
+            index,
+            model,
+            batch_size=batch_size,
+            workers=workers,
+            exclude=exclude,
+            keep_missing=keep_missing,
+            device=device,
+            precision=precision,
+            progress=progress,
+        )
+    if json_out:
+        print_json(summary.to_dict())
+        return
+    table = Table(title=f"grape index: {summary.index}", show_header=False, title_justify="left")
+    for name in ("added", "updated", "moved", "removed", "unchanged"):
+        table.add_row(name, str(getattr(summary, name)))
+    table.add_row("failed", str(len(summary.failed)))
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    table.add_row("speed", f"{summary.images_per_s:.1f} images/s ({summary.encoded} embedded)")
+    console.print(table)
+    if summary.failed:
+        console.print(f"[yellow]{len(summary.failed)} file(s) skipped:[/]")
+        for f in summary.failed[:20]:
+            note = "" if f["new"] else " [dim](unchanged since it failed; not retried)[/]"
+            console.print(f"  {f['path']}: {f['reason']}{note}", highlight=False)
+        if len(summary.failed) > 20:
+            console.print(f"  ... and {len(summary.failed) - 20} more (see --json)")
+
+
+@app.command("info")
+def info_cmd(
+    index: Path = typer.Option(None, "--index", envvar="GRAPE_INDEX", help=INDEX_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show an index: model, dimension, images, roots, failures, size on disk."""
+    from grape_cli.index import index_info
+
+    info = index_info(index)
+    if json_out:
+        print_json(info)
+        return
+    table = Table(show_header=False, title=f"grape index {info['index']}", title_justify="left")
+    for key in ("model", "dim", "schema_version", "images", "failures", "created", "updated"):
+        table.add_row(key, str(info[key]))
+    table.add_row("roots", "\n".join(info["roots"]) or "-")
+    table.add_row("size on disk", f"{info['size_bytes'] / 1e6:.1f} MB")
+    console.print(table)

@@ -1,0 +1,319 @@
+"""The index on disk: a LanceDB table of image rows plus a small manifest.
+
+Layout of an index folder:
+  grape-index.json   manifest: schema version, embedding model spec and dimension, roots
+  images.lance/      one row per image (see `image_schema`)
+  failures.lance/    files that could not be indexed, with the reason
+  .lock              held (flock) by the one process allowed to write
+
+Every write is a LanceDB commit (atomic), and rows are keyed by a stable id derived from
+the path, so a writer killed at any moment leaves a consistent index that the next run
+completes without duplicates.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grape_cli.errors import IndexLocked, IndexMismatch, IndexNotFound
+
+SCHEMA_VERSION = 1
+MANIFEST = "grape-index.json"
+IMAGES = "images"
+FAILURES = "failures"
+
+
+def default_index_dir() -> Path:
+    """$GRAPE_INDEX, else $GRAPE_HOME/index, else the per-user data folder."""
+    if os.environ.get("GRAPE_INDEX"):
+        return Path(os.environ["GRAPE_INDEX"]).expanduser()
+    return grape_home() / "index"
+
+
+def grape_home() -> Path:
+    if os.environ.get("GRAPE_HOME"):
+        return Path(os.environ["GRAPE_HOME"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or (
+        "~/Library/Application Support" if os.uname().sysname == "Darwin" else "~/.local/share"
+    )
+    return Path(base).expanduser() / "grape"
+
+
+def path_id(path: str) -> str:
+    """Stable row id for an absolute path (the same path always gets the same id).
+
+    >>> path_id("/photos/cat.jpg")
+    '1190265e44c9de4e1a802aed'
+    """
+    return hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
+
+
+def image_schema(dim: int):
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("path", pa.string()),
+            ("root", pa.string()),
+            ("size", pa.int64()),
+            ("mtime_ns", pa.int64()),
+            ("hash", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("vector", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+def failure_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("path", pa.string()),
+            ("size", pa.int64()),
+            ("mtime_ns", pa.int64()),
+            ("reason", pa.string()),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class FileState:
+    id: str
+    size: int
+    mtime_ns: int
+    hash: str
+
+
+class Store:
+    """An opened index. Create with `Store.open` (read) or `Store.open_for_write`."""
+
+    def __init__(self, root: Path, manifest: dict):
+        import lancedb
+
+        self.root = root
+        self.manifest = manifest
+        self._db = lancedb.connect(str(root))
+
+    # ------------------------------------------------------------------ opening
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @classmethod
+    def exists(cls, root: str | Path) -> bool:
+        return (Path(root) / MANIFEST).is_file()
+
+    @classmethod
+    def read_manifest(cls, root: str | Path) -> dict:
+        root = Path(root)
+        if not (root / MANIFEST).is_file():
+            raise IndexNotFound(
+                f"no grape index at {root}",
+                "build one with `grape index PHOTOS_DIR` (or pass --index)",
+            )
+        manifest = json.loads((root / MANIFEST).read_text())
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise IndexMismatch(
+                f"index {root} has schema version {manifest.get('schema_version')}, this grape "
+                f"reads version {SCHEMA_VERSION}",
+                f"rebuild it: delete {root} and run grape index",
+            )
+        return manifest
+
+    @classmethod
+    def open(cls, root: str | Path) -> Store:
+        root = Path(root).expanduser().resolve()
+        return cls(root, cls.read_manifest(root))
+
+    @classmethod
+    def open_for_write(cls, root: str | Path, model: str, dim: int) -> Store:
+        """Open (or create) an index for `model`; refuses one built with another model."""
+        root = Path(root).expanduser().resolve()
+        if cls.exists(root):
+            store = cls.open(root)
+            if store.model != model or store.dim != dim:
+                raise IndexMismatch(
+                    f"index {root} was built with {store.model} (dim {store.dim}), "
+                    f"not {model} (dim {dim})",
+                    "leave out --model to use the index's model, pass another --index, "
+                    f"or delete {root} to rebuild",
+                )
+            return store
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "model": model,
+            "dim": dim,
+            "created": _now(),
+            "updated": _now(),
+            "roots": [],
+        }
+        store = cls(root, manifest)
+        store._db.create_table(IMAGES, schema=image_schema(dim), exist_ok=True)
+        store._db.create_table(FAILURES, schema=failure_schema(), exist_ok=True)
+        store.write_manifest()  # last: an index without a manifest is simply rebuilt
+        return store
+
+    def write_manifest(self, **updates: Any) -> None:
+        self.manifest.update(updates)
+        tmp = self.root / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=2))
+        os.replace(tmp, self.root / MANIFEST)  # atomic: readers never see half a manifest
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Exclusive write access; released by the kernel even if the process is killed."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IndexLocked(
+                    f"another grape process is writing to {self.root}",
+                    "wait for it to finish, or use another --index",
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ tables
+
+    @property
+    def images(self):
+        return self._db.open_table(IMAGES)
+
+    @property
+    def failures_table(self):
+        return self._db.open_table(FAILURES)
+
+    def count(self) -> int:
+        return self.images.count_rows()
+
+    def _scan(self, table, columns: list[str]):
+        n = table.count_rows()
+        if n == 0:
+            import pyarrow as pa
+
+            return pa.table({c: [] for c in columns})
+        return table.search().select(columns).limit(n).to_arrow()
+
+    def file_states(self) -> dict[str, FileState]:
+        """path -> (id, size, mtime, hash) for every row: what incremental indexing compares."""
+        t = self._scan(self.images, ["id", "path", "size", "mtime_ns", "hash"]).to_pydict()
+        return {
+            p: FileState(i, s, m, h)
+            for i, p, s, m, h in zip(
+                t["id"], t["path"], t["size"], t["mtime_ns"], t["hash"], strict=True
+            )
+        }
+
+    def vectors_for_hashes(self, hashes: Iterable[str]) -> dict[str, tuple[list, int, int]]:
+        """hash -> (vector, width, height) already stored: moved or copied files reuse them."""
+        wanted = sorted(set(hashes))
+        found: dict[str, tuple[list, int, int]] = {}
+        for chunk in _chunks(wanted, 500):
+            where = "hash IN (" + ",".join(f"'{h}'" for h in chunk) + ")"
+            t = (
+                self.images.search()
+                .where(where)
+                .select(["hash", "vector", "width", "height"])
+                .limit(len(chunk) * 64)
+                .to_arrow()
+                .to_pylist()
+            )
+            found.update((r["hash"], (r["vector"], r["width"], r["height"])) for r in t)
+        return found
+
+    def upsert(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        import pyarrow as pa
+
+        data = pa.Table.from_pylist(rows, schema=image_schema(self.dim))
+        (
+            self.images.merge_insert("id")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(data)
+        )
+
+    def delete_ids(self, ids: Iterable[str], table: str = IMAGES) -> None:
+        tbl = self._db.open_table(table)
+        for chunk in _chunks(sorted(ids), 500):
+            tbl.delete("id IN (" + ",".join(f"'{i}'" for i in chunk) + ")")
+
+    def failures(self) -> dict[str, dict]:
+        t = self._scan(self.failures_table, ["path", "size", "mtime_ns", "reason"]).to_pylist()
+        return {r["path"]: r for r in t}
+
+    def record_failures(self, rows: list[dict]) -> None:
+        """rows: {path, size, mtime_ns, reason}; replaces earlier failures of the same path."""
+        if not rows:
+            return
+        import pyarrow as pa
+
+        data = pa.Table.from_pylist(
+            [{**r, "id": path_id(r["path"])} for r in rows], schema=failure_schema()
+        )
+        (
+            self.failures_table.merge_insert("id")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(data)
+        )
+
+    def clear_failures(self, paths: Iterable[str]) -> None:
+        self.delete_ids((path_id(p) for p in paths), FAILURES)
+
+    def compact(self) -> None:
+        """Merge the many small commits of an indexing run; drop versions over 10 minutes old
+        (younger ones may still be read by a concurrent `grape search`)."""
+        from datetime import timedelta
+
+        for name in (IMAGES, FAILURES):
+            self._db.open_table(name).optimize(cleanup_older_than=timedelta(minutes=10))
+
+    # ------------------------------------------------------------------ reading
+
+    def load_matrix(self, columns: tuple[str, ...] = ("path",)):
+        """(metadata dict of lists, float32 matrix N x dim) of every image, in one read."""
+        import numpy as np
+
+        t = self._scan(self.images, [*columns, "vector"])
+        if t.num_rows == 0:
+            return {c: [] for c in columns}, np.zeros((0, self.dim), dtype=np.float32)
+        flat = t.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
+        matrix = np.ascontiguousarray(flat.reshape(t.num_rows, self.dim), dtype=np.float32)
+        return {c: t.column(c).to_pylist() for c in columns}, matrix
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
