@@ -306,6 +306,14 @@ class Store:
         matrix = np.ascontiguousarray(flat.reshape(t.num_rows, self.dim), dtype=np.float32)
         return {c: t.column(c).to_pylist() for c in columns}, matrix
 
+    def fingerprint(self) -> str:
+        """Identifies this corpus (model + image contents), for runs tuned against it."""
+        t = self._scan(self.images, ["hash"]).column("hash").to_pylist()
+        h = hashlib.blake2b(self.model.encode(), digest_size=8)
+        for item in sorted(t):
+            h.update(item.encode())
+        return h.hexdigest()
+
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
 

@@ -44,4 +44,12 @@ from grape_cli.cli import index as _index  # noqa: E402, F401
 
 
 def main() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    # Library modules warn through logging.getLogger("grape"); shown on stderr, one line each.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_time=False,
+                                              show_path=False)])
     app(prog_name="grape")
