@@ -344,12 +344,12 @@ def resolve_lm_folder(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path.resolve()
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+    repo_id, revision = split_revision(spec)  # before counting: 'org/name@refs/pr/1'
+    if spec.startswith((".", "/", "~")) or repo_id.count("/") != 1:
         raise ModelError(
             f"rewriter {spec!r} is neither a folder nor a Hub id (org/name)",
             "pass an existing folder or a Hub repo id",
         )
-    repo_id, revision = split_revision(spec)
     return hub_snapshot(repo_id, revision, LM_ALLOW_PATTERNS)
 
 

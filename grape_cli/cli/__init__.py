@@ -40,10 +40,18 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app`.
+from grape_cli.cli import hub as _hub  # noqa: E402, F401
 from grape_cli.cli import index as _index  # noqa: E402, F401
+from grape_cli.cli import search as _search  # noqa: E402, F401
+from grape_cli.cli import train as _train  # noqa: E402, F401
+
+# Set by main(): True in the `grape` program, False when tests invoke `app` in-process.
+PROGRAM = False
 
 
 def main() -> None:
+    global PROGRAM
+    PROGRAM = True
     import logging
 
     from rich.logging import RichHandler

@@ -1,0 +1,328 @@
+"""`grape eval`: does a rewriter help on your own photos? Recall@k side by side.
+
+Every metric comes from the exact rank of the target among all indexed images (not from
+a truncated top-k list), so Recall@k, MRR and the median rank agree with each other and
+with a brute-force reference. With several correct images for a query, the best-ranked
+one counts. The plain query (`none`) is always evaluated first, as the baseline that the
+other rewriters are compared with.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from grape_cli.errors import InputError
+from grape_cli.pairs import Pair, describe_missing, load_pairs, match_targets
+from grape_cli.store import Store, default_index_dir
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from grape_cli.index import Progress
+    from grape_cli.models import ClipModel
+    from grape_cli.prompt import PromptTemplate
+    from grape_cli.rewrite import Rewriter
+
+KS = (1, 5, 10)
+BASELINE = "none"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def target_ranks(
+    query_vecs: np.ndarray,
+    corpus: np.ndarray,
+    targets: Sequence[Sequence[int]],
+    *,
+    block: int | None = None,
+) -> np.ndarray:
+    """1-based rank of each query's best-ranked target among all `corpus` rows.
+
+    A tie counts in the target's favour: rank = 1 + number of strictly higher scores.
+    Queries are scored `block` at a time (default: score blocks of at most 256 MB).
+    """
+    import numpy as np
+
+    if len(query_vecs) != len(targets):
+        raise ValueError(f"{len(query_vecs)} query vectors but {len(targets)} target lists")
+    ranks = np.zeros(len(query_vecs), dtype=np.int64)
+    chunk = block or max(1, (1 << 26) // max(1, len(corpus)))
+    for start in range(0, len(query_vecs), chunk):
+        scores = query_vecs[start : start + chunk] @ corpus.T
+        for i, rows in enumerate(targets[start : start + chunk]):
+            best = scores[i, list(rows)].max()
+            ranks[start + i] = int((scores[i] > best).sum()) + 1
+    return ranks
+
+
+def fused_target_ranks(
+    query_vecs: Sequence[np.ndarray],
+    corpus: np.ndarray,
+    targets: Sequence[Sequence[int]],
+    k: int = 60,
+) -> np.ndarray:
+    """Like `target_ranks` for several vectors per query, fused by reciprocal rank fusion.
+
+    Full rankings are fused (search fuses each ranking's top 100), so every target has a
+    defined rank wherever it sits.
+    """
+    import numpy as np
+
+    ranks = np.zeros(len(query_vecs), dtype=np.int64)
+    positions = np.arange(1, len(corpus) + 1, dtype=np.float64)
+    for i, (vecs, rows) in enumerate(zip(query_vecs, targets, strict=True)):
+        fused = np.zeros(len(corpus))
+        for scores in np.atleast_2d(vecs) @ corpus.T:
+            rank_of = np.empty(len(corpus))
+            rank_of[np.argsort(-scores, kind="stable")] = positions
+            fused += 1.0 / (k + rank_of)
+        ranks[i] = int((fused > fused[list(rows)].max()).sum()) + 1
+    return ranks
+
+
+def retrieval_metrics(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict:
+    """Recall@k for each k, MRR, median rank and the number of queries.
+
+    >>> retrieval_metrics([1, 2, 4, 8], ks=(1, 5))
+    {'recall@1': 0.25, 'recall@5': 0.75, 'mrr': 0.46875, 'median_rank': 3.0, 'n': 4}
+    """
+    import numpy as np
+
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        return {**{f"recall@{k}": None for k in ks}, "mrr": None, "median_rank": None, "n": 0}
+    out = {f"recall@{k}": float((ranks <= k).mean()) for k in ks}
+    out["mrr"] = float((1.0 / ranks).mean())
+    out["median_rank"] = float(np.median(ranks))
+    out["n"] = int(ranks.size)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class EvalRow:
+    rewriter: str
+    metrics: dict
+    rewrite_ms_per_query: float  # wall time of rewriting, batched, divided by queries
+    rewrites_per_query: int = 1
+    fallbacks: int = 0  # empty rewrites replaced by the query itself
+
+
+@dataclass
+class EvalReport:
+    pairs: str
+    index: str
+    model: str
+    n_pairs: int
+    n_evaluated: int
+    missing: list[str] = field(default_factory=list)  # target paths not in the index
+    skipped_lines: list[int] = field(default_factory=list)  # pairs with no indexed target
+    rows: list[EvalRow] = field(default_factory=list)
+    per_query: str | None = None
+    seconds: float = 0.0
+
+    def baseline(self) -> EvalRow | None:
+        return next((r for r in self.rows if r.rewriter == BASELINE), None)
+
+    def deltas(self, row: EvalRow) -> dict:
+        """row's metrics minus the baseline's (empty when there is no baseline)."""
+        base = self.baseline()
+        if base is None:
+            return {}
+        return {
+            key: value - base.metrics[key]
+            for key, value in row.metrics.items()
+            if key != "n" and value is not None and base.metrics.get(key) is not None
+        }
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for row, out in zip(self.rows, d["rows"], strict=True):
+            out["delta_vs_none"] = self.deltas(row)
+        return d
+
+
+# --------------------------------------------------------------------------- running
+
+
+def evaluate_rewriter(
+    rewriter: Rewriter,
+    clip: ClipModel,
+    queries: list[str],
+    corpus: np.ndarray,
+    targets: Sequence[Sequence[int]],
+    *,
+    rewrites: int = 1,
+    temperature: float | None = None,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> tuple[EvalRow, list[list[str]], np.ndarray]:
+    """(metrics row, rewrites of each query, rank of each query's target) for one rewriter.
+
+    The building block of `evaluate`, for callers that hold a loaded rewriter and CLIP
+    model already (held-out evaluation during training).
+    """
+    import numpy as np
+
+    texts: list[list[str]] = []
+    if progress is not None:
+        progress.start(len(queries), f"rewrite {_short(rewriter.name)}")
+    start = time.perf_counter()
+    for i in range(0, len(queries), batch_size):
+        batch = queries[i : i + batch_size]
+        texts += rewriter.rewrite(batch, n=rewrites, temperature=temperature)
+        if progress is not None:
+            progress.advance(len(batch))
+    seconds = time.perf_counter() - start
+
+    flat = [t for group in texts for t in group]
+    vectors = clip.encode_texts(flat).numpy()
+    if all(len(g) == 1 for g in texts):
+        ranks = target_ranks(vectors, corpus, targets)
+    else:
+        bounds = np.cumsum([0, *(len(g) for g in texts)])
+        groups = [vectors[a:b] for a, b in pairwise(bounds)]
+        ranks = fused_target_ranks(groups, corpus, targets)
+    row = EvalRow(
+        rewriter=rewriter.name,
+        metrics=retrieval_metrics(ranks),
+        rewrite_ms_per_query=1000 * seconds / max(1, len(queries)),
+        rewrites_per_query=max((len(g) for g in texts), default=1),
+        fallbacks=getattr(rewriter, "fallbacks", 0),
+    )
+    return row, texts, ranks
+
+
+def evaluate(
+    pairs_path: str | Path,
+    index_dir: str | Path | None = None,
+    rewriters: Sequence[str] = (BASELINE,),
+    *,
+    device: str | None = None,
+    strict: bool = False,
+    per_query_path: str | Path | None = None,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+    prompt: PromptTemplate | None = None,
+    trust_remote_code: bool = False,
+    rewrites: int = 1,
+    temperature: float | None = None,
+    seed: int | None = 0,
+) -> EvalReport:
+    """Evaluate `rewriters` (the baseline `none` is added first) on a pairs file."""
+    started = time.perf_counter()
+    pairs = load_pairs(pairs_path)  # bad input fails before any model is loaded
+    specs = list(dict.fromkeys([BASELINE, *(r or BASELINE for r in rewriters)]))
+    store = Store.open(index_dir or default_index_dir())
+    meta, corpus = store.load_matrix(("path",))
+    if len(corpus) == 0:
+        raise InputError(
+            f"index {store.root} has no images yet", "add some with `grape index PHOTOS_DIR`"
+        )
+    matched, missing = match_targets(pairs, meta["path"], strict=strict)
+    if not matched:
+        raise InputError(
+            f"none of the {len(pairs)} pairs has a target in index {store.root} "
+            f"(missing: {describe_missing(missing)})",
+            "index the photos first, or check that the paths in the pairs file are right "
+            "(relative paths are relative to the pairs file)",
+        )
+    matched_lines = {p.line for p, _ in matched}
+    report = EvalReport(
+        pairs=str(Path(pairs_path).expanduser().resolve()),
+        index=str(store.root),
+        model=store.model,
+        n_pairs=len(pairs),
+        n_evaluated=len(matched),
+        missing=missing,
+        skipped_lines=[p.line for p in pairs if p.line not in matched_lines],
+    )
+
+    from grape_cli.models import load_clip, pick_device
+    from grape_cli.rewrite import load_rewriter
+    from grape_cli.search import cpu_threads
+
+    device = pick_device(device)
+    clip = load_clip(store.model, device)
+    queries = [p.query for p, _ in matched]
+    targets = [rows for _, rows in matched]
+    outputs: dict[str, tuple[list[list[str]], np.ndarray]] = {}
+    # The idle cores only: a thread sharing a busy core slows all of them (see search.py).
+    with cpu_threads():
+        for spec in specs:
+            rewriter = load_rewriter(
+                spec,
+                device=device,
+                prompt=prompt,
+                trust_remote_code=trust_remote_code,
+                retriever=store.model,
+            )
+            if seed is not None:
+                import torch
+
+                torch.manual_seed(seed)  # sampled rewrites repeat from run to run
+            row, texts, ranks = evaluate_rewriter(
+                rewriter,
+                clip,
+                queries,
+                corpus,
+                targets,
+                rewrites=rewrites,
+                temperature=temperature,
+                batch_size=batch_size,
+                progress=progress,
+            )
+            report.rows.append(row)
+            outputs[spec] = (texts, ranks)
+            del rewriter
+            _free_memory(device)
+
+    if per_query_path is not None:
+        report.per_query = str(Path(per_query_path).expanduser().resolve())
+        write_per_query(report.per_query, pairs, matched, specs, outputs)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def write_per_query(
+    path: str | Path,
+    pairs: list[Pair],
+    matched: list[tuple[Pair, list[int]]],
+    specs: list[str],
+    outputs: dict[str, tuple[list[list[str]], np.ndarray]],
+) -> None:
+    """JSON Lines, one per pair in file order: query, targets, each rewriter's rewrites and
+    target rank; pairs whose targets are not indexed are written too, with a reason."""
+    position = {p.line: i for i, (p, _) in enumerate(matched)}
+    with open(path, "w", encoding="utf-8") as f:
+        for pair in pairs:
+            rec: dict = {"line": pair.line, "query": pair.query, "targets": list(pair.targets)}
+            i = position.get(pair.line)
+            if i is None:
+                rec["skipped"] = "no target in the index"
+            else:
+                rec["rewrites"] = {s: outputs[s][0][i] for s in specs}
+                rec["rank"] = {s: int(outputs[s][1][i]) for s in specs}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _free_memory(device: str) -> None:
+    gc.collect()  # the next rewriter must not share memory with this one
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _short(name: str, width: int = 24) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1) :]

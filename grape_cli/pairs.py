@@ -1,0 +1,168 @@
+"""Query/target pairs: the user's own ground truth for `grape eval` and `grape train`.
+
+Two formats, chosen by the file's suffix (or, without one, by its first character):
+
+* JSON Lines, one object a line: `{"query": "...", "target": "path"}` or
+  `{"query": "...", "targets": ["a.jpg", "b.jpg"]}` when several images are correct.
+* CSV or TSV with a header that has `query` and `target` columns (`targets`, with paths
+  separated by `|`, for several correct images).
+
+Relative target paths are relative to the pairs file, so a folder of photos and its
+pairs file can move together. Nothing is dropped silently: a malformed line fails with
+its line number, and targets missing from the index are returned for the caller to list.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from grape_cli.errors import InputError
+
+FORMAT_HINT = (
+    'one JSON object a line: {"query": "...", "target": "photo.jpg"} '
+    '(or "targets": [...]), or a CSV/TSV with query,target columns'
+)
+
+
+@dataclass(frozen=True)
+class Pair:
+    query: str
+    targets: tuple[str, ...]  # absolute paths (resolved relative to the pairs file)
+    line: int  # 1-based line number in the file
+
+
+def load_pairs(path: str | Path) -> list[Pair]:
+    """Read a JSONL or CSV/TSV pairs file; see the module docstring for the formats."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"pairs file {path} does not exist", FORMAT_HINT) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read pairs file {path}: {e}") from None
+    if not text.strip():
+        raise InputError(f"pairs file {path} is empty", FORMAT_HINT)
+    base = path.resolve().parent
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".tab") or (
+        suffix not in (".jsonl", ".json", ".ndjson") and not text.lstrip().startswith("{")
+    ):
+        pairs = _read_table(text, path, base, "\t" if suffix in (".tsv", ".tab") else None)
+    else:
+        pairs = _read_jsonl(text, path, base)
+    if not pairs:
+        raise InputError(f"pairs file {path} has no pairs", FORMAT_HINT)
+    return pairs
+
+
+def _make_pair(query, targets, base: Path, where: str, line: int) -> Pair:
+    if not isinstance(query, str) or not query.strip():
+        raise InputError(f"{where}: 'query' is missing or empty", FORMAT_HINT)
+    if isinstance(targets, str):
+        targets = [targets]
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(isinstance(t, str) and t.strip() for t in targets)
+    ):
+        raise InputError(f"{where}: 'target' must be a path or a non-empty list of paths")
+    resolved = tuple(
+        os.path.normpath(os.path.join(base, os.path.expanduser(t.strip()))) for t in targets
+    )
+    return Pair(query=query.strip(), targets=resolved, line=line)
+
+
+def _read_jsonl(text: str, path: Path, base: Path) -> list[Pair]:
+    pairs = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg})", FORMAT_HINT) from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object", FORMAT_HINT)
+        if ("target" in obj) == ("targets" in obj):
+            raise InputError(f"{where}: give exactly one of 'target' or 'targets'", FORMAT_HINT)
+        targets = obj["target"] if "target" in obj else obj["targets"]
+        pairs.append(_make_pair(obj.get("query"), targets, base, where, n))
+    return pairs
+
+
+def _read_table(text: str, path: Path, base: Path, delimiter: str | None) -> list[Pair]:
+    lines = text.splitlines(keepends=True)
+    if delimiter is None:
+        delimiter = "\t" if "\t" in lines[0] else ","
+    reader = csv.reader(lines, delimiter=delimiter)
+    header = [h.strip().lower() for h in next(reader)]
+    target_col = "target" if "target" in header else "targets"
+    if "query" not in header or target_col not in header:
+        raise InputError(
+            f"{path}:1: the header needs 'query' and 'target' columns, found {header}",
+            FORMAT_HINT,
+        )
+    qi, ti = header.index("query"), header.index(target_col)
+    pairs = []
+    start = reader.line_num + 1
+    for row in reader:
+        line, start = start, reader.line_num + 1  # a quoted field may span several lines
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{path}:{line}"
+        if len(row) != len(header):
+            raise InputError(
+                f"{where}: {len(row)} fields, the header has {len(header)}",
+                "quote fields that contain the separator",
+            )
+        targets = row[ti].split("|") if target_col == "targets" else row[ti]
+        pairs.append(_make_pair(row[qi], targets, base, where, line))
+    return pairs
+
+
+def match_targets(
+    pairs: list[Pair], index_paths: list[str], strict: bool = False
+) -> tuple[list[tuple[Pair, list[int]]], list[str]]:
+    """Map each pair's targets to row positions in `index_paths`.
+
+    Returns (pairs with at least one indexed target and their row positions, target paths
+    not in the index, each once). A pair whose targets are all missing is left out of the
+    first list; its paths are in the second. `strict=True` raises instead.
+    """
+    rows = {p: i for i, p in enumerate(index_paths)}
+    matched: list[tuple[Pair, list[int]]] = []
+    missing: dict[str, None] = {}  # ordered set
+    for pair in pairs:
+        found = []
+        for target in pair.targets:
+            row = rows.get(target)
+            if row is None:  # the index stores real paths; the pairs file may use a link
+                row = rows.get(os.path.realpath(target))
+            if row is None:
+                missing[target] = None
+            else:
+                found.append(row)
+        if found:
+            matched.append((pair, found))
+    missing_list = list(missing)
+    if strict and missing_list:
+        raise InputError(
+            f"{len(missing_list)} target(s) are not in the index: {describe_missing(missing_list)}",
+            "index them with `grape index`, fix the paths, or leave out --strict to skip them",
+        )
+    return matched, missing_list
+
+
+def describe_missing(paths: list[str], first: int = 3) -> str:
+    """'a.jpg, b.jpg, c.jpg and 4 more'
+
+    >>> describe_missing(["a", "b"], first=1)
+    'a and 1 more'
+    """
+    shown = ", ".join(paths[:first])
+    return shown + (f" and {len(paths) - first} more" if len(paths) > first else "")

@@ -1,0 +1,446 @@
+"""`grape search`: rewrite the query, encode it with the index's own text encoder, and
+return the top-k images by exact inner product (cosine: every vector is L2-normalised).
+
+The index's vectors are loaded once into faiss (`IndexFlatIP`, on the GPU when faiss-gpu
+and CUDA are there). An index table that carries a LanceDB ANN index is searched
+through LanceDB instead, which never loads the vectors into memory: the way to search
+a collection too large for RAM.
+
+Several rewrites (`rewrites > 1`, sampled) are fused with reciprocal rank fusion; an
+image query (`image=`) is used alone or added to the text embedding with a weight.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from grape_cli.errors import InputError, UsageError
+from grape_cli.store import Store, default_index_dir
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from grape_cli.prompt import PromptTemplate
+
+logger = logging.getLogger("grape")
+
+RRF_K = 60  # the constant of Cormack et al. (2009); damps the weight of the very top ranks
+RRF_DEPTH = 100  # each rewrite's ranking fused down to this depth (or k, if larger)
+BACKENDS = ("auto", "faiss", "lance")
+HEAVY_IMPORTS = ("torch", "open_clip", "lancedb", "faiss")
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float  # cosine for one query vector, the fused RRF score for several
+    path: str
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class SearchResult:
+    query: str
+    rewriter: str
+    rewrites: list[str]
+    hits: list[Hit]
+    index: str
+    model: str
+    image: str | None = None
+    image_weight: float | None = None
+    score_kind: str = "cosine"  # or "rrf"
+    backend: str = "faiss"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
+        return d
+
+
+class Timer:
+    """Seconds spent per named stage, in the order they ran."""
+
+    def __init__(self, into: dict[str, float] | None = None):
+        self.seconds: dict[str, float] = {} if into is None else into
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- vectors
+
+
+class VectorIndex:
+    """Exact top-k by inner product over a fixed float32 matrix (faiss IndexFlatIP)."""
+
+    def __init__(self, matrix: np.ndarray, device: str = "cpu", threads: int | None = None):
+        import faiss
+        import numpy as np
+
+        self.size, self.dim = matrix.shape
+        self.threads = threads  # None: the cores other processes leave idle
+        index = faiss.IndexFlatIP(self.dim)
+        index.add(np.ascontiguousarray(matrix, dtype=np.float32))
+        self.on_gpu = False
+        if (
+            device.startswith("cuda")
+            and hasattr(faiss, "StandardGpuResources")
+            and faiss.get_num_gpus() > 0
+        ):
+            self._gpu_resources = faiss.StandardGpuResources()
+            gpu = int(device.partition(":")[2] or 0)
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, gpu, index)
+            self.on_gpu = True
+        self._index = index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each queries x min(k, size), best first."""
+        import faiss
+        import numpy as np
+
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = min(k, self.size)
+        if self.on_gpu:
+            return self._index.search(queries, k)
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(self.threads or idle_threads(before))
+        try:
+            return self._index.search(queries, k)
+        finally:
+            faiss.omp_set_num_threads(before)
+
+
+def idle_threads(available: int) -> int:
+    """Threads for one search: the cores that other processes leave idle, at least one.
+
+    OpenMP threads wait for the slowest of them, so a thread that shares its core with
+    another busy process stalls the whole scan: on a 2-core machine running other jobs,
+    two threads took 100 ms a query where one took 35 ms (benchmarks/search_latency.py).
+    """
+    try:
+        busy = os.getloadavg()[0] - 1  # the load average counts this process too
+    except OSError:  # not available on this platform
+        return available
+    return max(1, min(available, round(available - busy)))
+
+
+@contextmanager
+def cpu_threads(threads: int | None = None):
+    """torch and faiss (those already imported) held to `threads` inside the block, the
+    idle cores by default (`idle_threads`); restored after. Yields the number used.
+
+    On a busy machine this matters more than anything else here: a ViT-B-32 text query
+    took 650-2,650 ms with two threads and 120-160 ms with one on a loaded 2-core box.
+    """
+    import sys
+
+    torch, faiss = sys.modules.get("torch"), sys.modules.get("faiss")
+    before = (
+        torch.get_num_threads() if torch else None,
+        faiss.omp_get_max_threads() if faiss else None,
+    )
+    n = threads or idle_threads(before[0] or before[1] or os.cpu_count() or 1)
+    if torch:
+        torch.set_num_threads(n)
+    if faiss:
+        faiss.omp_set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if torch:
+            torch.set_num_threads(before[0])
+        if faiss:
+            faiss.omp_set_num_threads(before[1])
+
+
+def reciprocal_rank_fusion(
+    rankings: Sequence[Sequence[int]], k: int = RRF_K
+) -> list[tuple[int, float]]:
+    """Fuse ranked lists of ids: score(id) = sum over lists of 1 / (k + rank), rank from 1.
+
+    >>> reciprocal_rank_fusion([[7, 3], [3, 9]], k=0)
+    [(3, 1.5), (7, 1.0), (9, 0.5)]
+    """
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, start=1):
+            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+# --------------------------------------------------------------------------- searcher
+
+
+class Searcher:
+    """An opened index with its text encoder, rewriter and vectors: load once, search many.
+
+    `timings` accumulates the seconds of each loading stage; `search` adds its own stages
+    to the result's timings.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | Path | None = None,
+        *,
+        rewriter: str | None = "none",
+        device: str | None = None,
+        prompt: PromptTemplate | None = None,
+        trust_remote_code: bool = False,
+        backend: str = "auto",
+        threads: int | None = None,
+        timings: dict[str, float] | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise UsageError(f"unknown search backend {backend!r}", f"use one of {BACKENDS}")
+        self.timings: dict[str, float] = {} if timings is None else timings
+        timer = Timer(self.timings)
+        root = Path(index_dir or default_index_dir()).expanduser().resolve()
+        Store.read_manifest(root)  # no index: fail before the heavy imports
+        # Paid up front, one stage each, so the stages below time only their own work
+        # (open_clip's own cost includes torchvision and transformers, which it imports).
+        for module in HEAVY_IMPORTS:
+            with timer.stage(f"import_{module}"):
+                importlib.import_module(module)
+        with timer.stage("index_open"):
+            self.store = Store.open(root)
+            self.size = self.store.count()
+        if self.size == 0:
+            raise InputError(
+                f"index {root} has no images yet", "add some with `grape index PHOTOS_DIR`"
+            )
+        from grape_cli.models import load_clip, pick_device
+        from grape_cli.rewrite import load_rewriter
+
+        self.device = pick_device(device)
+        self.threads = threads  # None: the idle cores, decided at each step
+        if backend == "auto":
+            backend = "lance" if _has_vector_index(self.store) else "faiss"
+        self.backend = backend
+        self._index: VectorIndex | None = None
+        self._paths: list[str] = []
+        self._sizes: list[tuple[int, int]] = []
+        self._rows: dict[str, int] = {}
+        with cpu_threads(threads):
+            with timer.stage("rewriter_load"):
+                self.rewriter = load_rewriter(
+                    rewriter,
+                    device=self.device,
+                    prompt=prompt,
+                    trust_remote_code=trust_remote_code,
+                    retriever=self.store.model,
+                )
+            with timer.stage("model_load"):
+                self.clip = load_clip(self.store.model, self.device)
+            if backend == "faiss":
+                with timer.stage("index_load"):
+                    meta, matrix = self.store.load_matrix(("path", "width", "height"))
+                    self._paths = meta["path"]
+                    self._sizes = list(zip(meta["width"], meta["height"], strict=True))
+                    self._index = VectorIndex(matrix, self.device)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        for text in texts:
+            n = self.clip.count_tokens(text)
+            if n > self.clip.context_length:
+                logger.warning(
+                    "the query is %d tokens and the retriever reads only the first %d; "
+                    "a rewriter (--rewriter zero-shot) can shorten it",
+                    n,
+                    self.clip.context_length,
+                )
+        return self.clip.encode_texts(texts).numpy()
+
+    def encode_image(self, path: str | Path) -> np.ndarray:
+        from grape_cli.embed import decode_image, describe_error
+
+        try:
+            img, _ = decode_image(str(path), draft_size=self.clip.image_size)
+        except Exception as e:
+            raise InputError(
+                f"cannot read --image {path}: {describe_error(e)}", "pass a JPEG, PNG or WebP"
+            ) from None
+        pixels = self.clip.preprocess(img).unsqueeze(0)
+        return self.clip.encode_images(pixels).numpy()
+
+    # ------------------------------------------------------------------ searching
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) of each query vector's top k, best first."""
+        if self._index is not None:
+            return self._index.search(vectors, k)
+        return _lance_search(self.store, vectors, k, self._lance_rows())
+
+    def _lance_rows(self) -> dict[str, int]:
+        # LanceDB answers with paths; rows are positions in this list, read once.
+        if not self._paths:
+            t = self.store.images.search().select(["path", "width", "height"])
+            t = t.limit(self.size).to_arrow().to_pydict()
+            self._paths = t["path"]
+            self._sizes = list(zip(t["width"], t["height"], strict=True))
+            self._rows = {p: i for i, p in enumerate(self._paths)}
+        return self._rows
+
+    def _encode_query(self, query, rewrites, image, image_weight, temperature, timer):
+        import numpy as np
+
+        texts: list[str] = []
+        if query:
+            with timer.stage("rewrite"):
+                texts = self.rewriter.rewrite([query], n=rewrites, temperature=temperature)[0]
+        with timer.stage("encode"):
+            vectors = self.encode_texts(texts) if texts else None
+            if image is not None:
+                image_vec = self.encode_image(image)
+                if vectors is None:
+                    vectors = image_vec
+                else:
+                    vectors = vectors + image_weight * image_vec
+                    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+        return texts, vectors
+
+    def _rank(self, vectors, k: int) -> tuple[list[tuple[int, float]], str]:
+        """[(row, score)] best first: cosine for one vector, fused by RRF for several."""
+        if len(vectors) == 1:
+            scores, rows = self.search_vectors(vectors, k)
+            return list(zip(rows[0].tolist(), scores[0].tolist(), strict=True)), "cosine"
+        _, rows = self.search_vectors(vectors, max(k, RRF_DEPTH))
+        return reciprocal_rank_fusion([r[r >= 0].tolist() for r in rows])[:k], "rrf"
+
+    def search(
+        self,
+        query: str | None,
+        k: int = 10,
+        *,
+        rewrites: int = 1,
+        image: str | Path | None = None,
+        image_weight: float = 1.0,
+        temperature: float | None = None,
+    ) -> SearchResult:
+        query = (query or "").strip()
+        check_query(query, image, k, rewrites)
+        timings: dict[str, float] = {}
+        with cpu_threads(self.threads):
+            texts, vectors = self._encode_query(
+                query, rewrites, image, image_weight, temperature, Timer(timings)
+            )
+            with Timer(timings).stage("search"):
+                ranked, kind = self._rank(vectors, k)
+        hits = [
+            Hit(rank, float(score), self._paths[row], *self._sizes[row])
+            for rank, (row, score) in enumerate(ranked, start=1)
+            if row >= 0
+        ]
+        return SearchResult(
+            query=query,
+            rewriter=self.rewriter.name,
+            rewrites=texts,
+            hits=hits,
+            index=str(self.store.root),
+            model=self.store.model,
+            image=str(image) if image is not None else None,
+            image_weight=image_weight if (image is not None and texts) else None,
+            score_kind=kind,
+            backend=self.backend,
+            timings={**self.timings, **timings},
+        )
+
+
+def check_query(query: str, image, k: int, rewrites: int) -> None:
+    """The checks that need no model: run before anything is loaded."""
+    if not query and image is None:
+        raise InputError("the query is empty", "type what you are looking for, or pass --image")
+    if k < 1:
+        raise UsageError(f"-k {k}: need at least 1 result", "use -k 1 or more")
+    if rewrites < 1:
+        raise UsageError(f"--rewrites {rewrites}: need at least 1", "use --rewrites 1 or more")
+    if image is not None and not os.path.isfile(image):
+        raise InputError(f"cannot read --image {image}: no such file", "check the path")
+
+
+def search(
+    query: str | None,
+    index_dir: str | Path | None = None,
+    k: int = 10,
+    *,
+    rewriter: str | None = "none",
+    rewrites: int = 1,
+    image: str | Path | None = None,
+    image_weight: float = 1.0,
+    temperature: float | None = None,
+    device: str | None = None,
+    prompt: PromptTemplate | None = None,
+    trust_remote_code: bool = False,
+    backend: str = "auto",
+    threads: int | None = None,
+    seed: int | None = None,
+) -> SearchResult:
+    """One search, from nothing loaded to ranked hits; `result.timings` has every stage."""
+    query = (query or "").strip()
+    check_query(query, image, k, rewrites)
+    searcher = Searcher(
+        index_dir,
+        rewriter=rewriter if query else None,  # an image alone needs no rewriter
+        device=device,
+        prompt=prompt,
+        trust_remote_code=trust_remote_code,
+        backend=backend,
+        threads=threads,
+    )
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    return searcher.search(
+        query, k, rewrites=rewrites, image=image, image_weight=image_weight, temperature=temperature
+    )
+
+
+# --------------------------------------------------------------------------- LanceDB
+
+
+def _has_vector_index(store: Store) -> bool:
+    try:
+        return any("vector" in (ix.columns or []) for ix in store.images.list_indices())
+    except Exception:  # an older table layout: search it with faiss
+        return False
+
+
+def _lance_search(
+    store: Store, vectors: np.ndarray, k: int, rows: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k through LanceDB (its ANN index when the table has one)."""
+    import numpy as np
+
+    k = min(k, len(rows))
+    scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(vectors), k), -1, dtype=np.int64)
+    for i, vec in enumerate(vectors):
+        t = (
+            store.images.search(vec.astype(np.float32))
+            .distance_type("cosine")
+            .select(["path", "_distance"])
+            .limit(k)
+            .to_arrow()
+            .to_pydict()
+        )
+        n = len(t["path"])
+        ids[i, :n] = [rows[p] for p in t["path"]]
+        scores[i, :n] = 1.0 - np.asarray(t["_distance"], dtype=np.float32)
+    return scores, ids
