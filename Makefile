@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# LAION's clip_benchmark, the independent Recall@k reference in tests/test_eval.py;
+	# --no-deps because its dataset dependencies are heavy and its metrics need none.
+	$(BIN)/python -m pip install -q --no-deps "clip-benchmark==1.6.2"
 	touch $(STAMP)
 
 install: $(STAMP)

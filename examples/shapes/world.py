@@ -28,19 +28,33 @@ POSITIONS = ["left", "right", "top", "bottom", "center"]
 SIZES = ["small", "large"]
 ATTRIBUTES = ["shape", "color", "background", "position", "size"]
 
-ZH_SHAPES = dict(zip(SHAPES, ["圆形", "正方形", "三角形", "星星", "十字", "圆环", "菱形", "爱心"],
-                     strict=True))
-ZH_COLORS = dict(zip(COLORS, ["红色", "绿色", "蓝色", "黄色", "紫色", "橙色", "白色", "黑色"],
-                     strict=True))
+ZH_SHAPES = dict(
+    zip(SHAPES, ["圆形", "正方形", "三角形", "星星", "十字", "圆环", "菱形", "爱心"], strict=True)
+)
+ZH_COLORS = dict(
+    zip(COLORS, ["红色", "绿色", "蓝色", "黄色", "紫色", "橙色", "白色", "黑色"], strict=True)
+)
 ZH_POSITIONS = dict(zip(POSITIONS, ["左边", "右边", "上面", "下面", "中间"], strict=True))
 ZH_SIZES = dict(zip(SIZES, ["小", "大"], strict=True))
 
-RGB = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 80, 215),
-       "yellow": (240, 215, 40), "purple": (135, 55, 185), "orange": (245, 135, 25),
-       "white": (240, 240, 240), "black": (25, 25, 25)}
+RGB = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 215),
+    "yellow": (240, 215, 40),
+    "purple": (135, 55, 185),
+    "orange": (245, 135, 25),
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
+}
 # Object centre as a fraction of the image; 0.28 keeps a large shape (<= 34 px) in frame.
-CENTERS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28),
-           "bottom": (0.5, 0.72), "center": (0.5, 0.5)}
+CENTERS = {
+    "left": (0.28, 0.5),
+    "right": (0.72, 0.5),
+    "top": (0.5, 0.28),
+    "bottom": (0.5, 0.72),
+    "center": (0.5, 0.5),
+}
 SIZE_PX = {"small": (14, 18), "large": (28, 34)}  # bounding box side at 64 px
 SUPERSAMPLE = 4  # draw large, then downsample: antialiased edges like a real photo
 
@@ -69,8 +83,7 @@ class Scene:
 
 def all_combos() -> list[tuple[str, str, str, str, str]]:
     """Every valid (shape, color, background, position, size): 4,480 of them."""
-    return [c for c in itertools.product(SHAPES, COLORS, COLORS, POSITIONS, SIZES)
-            if c[1] != c[2]]
+    return [c for c in itertools.product(SHAPES, COLORS, COLORS, POSITIONS, SIZES) if c[1] != c[2]]
 
 
 def make_scenes(n: int = 2000, seed: int = 0) -> list[Scene]:
@@ -79,8 +92,9 @@ def make_scenes(n: int = 2000, seed: int = 0) -> list[Scene]:
         raise ValueError(f"n must be in 1..{len(combos)}, got {n}")
     picked = random.Random(seed).sample(combos, n)
     # Every 4th file a PNG: the corpus should exercise both decoders.
-    return [Scene(f"img_{i:05d}.{'png' if i % 4 == 3 else 'jpg'}", *c)
-            for i, c in enumerate(picked)]
+    return [
+        Scene(f"img_{i:05d}.{'png' if i % 4 == 3 else 'jpg'}", *c) for i, c in enumerate(picked)
+    ]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -91,12 +105,21 @@ def _jitter_rgb(rgb: tuple[int, int, int], rng: random.Random, amount: int = 14)
 
 
 def _star(cx: float, cy: float, r: float, inner: float = 0.42) -> list[tuple[float, float]]:
-    return [(cx + rr * math.sin(k * math.pi / 5), cy - rr * math.cos(k * math.pi / 5))
-            for k in range(10) for rr in [r if k % 2 == 0 else r * inner]]
+    return [
+        (cx + rr * math.sin(k * math.pi / 5), cy - rr * math.cos(k * math.pi / 5))
+        for k in range(10)
+        for rr in [r if k % 2 == 0 else r * inner]
+    ]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: float,
-                fill: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    s: float,
+    fill: tuple[int, int, int],
+) -> None:
     h = s / 2
     if shape == "circle":
         draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
@@ -114,15 +137,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: 
     elif shape == "ring":
         draw.ellipse([cx - h, cy - h, cx + h, cy + h], outline=fill, width=round(s * 0.2))
     elif shape == "diamond":  # narrower than a turned square, so it reads as a rhombus
-        draw.polygon([(cx, cy - h), (cx + h * 0.68, cy), (cx, cy + h), (cx - h * 0.68, cy)],
-                     fill=fill)
+        draw.polygon(
+            [(cx, cy - h), (cx + h * 0.68, cy), (cx, cy + h), (cx - h * 0.68, cy)], fill=fill
+        )
     elif shape == "heart":
         r = s * 0.26
         for dx in (-1, 1):
             x = cx + dx * s * 0.22
             draw.ellipse([x - r, cy - h * 0.3 - r, x + r, cy - h * 0.3 + r], fill=fill)
-        draw.polygon([(cx - s * 0.47, cy - h * 0.18), (cx + s * 0.47, cy - h * 0.18),
-                      (cx, cy + h * 0.95)], fill=fill)
+        draw.polygon(
+            [(cx - s * 0.47, cy - h * 0.18), (cx + s * 0.47, cy - h * 0.18), (cx, cy + h * 0.95)],
+            fill=fill,
+        )
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
@@ -138,9 +164,12 @@ def render_scene(scene: Scene, rng: random.Random, image_size: int = 64) -> Imag
     cy = min(max(fy * image_size + rng.uniform(-j, j), half + margin), image_size - half - margin)
 
     k = SUPERSAMPLE
-    img = Image.new("RGB", (image_size * k, image_size * k), _jitter_rgb(RGB[scene.background], rng))
-    _draw_shape(ImageDraw.Draw(img), scene.shape, cx * k, cy * k, s * k,
-                _jitter_rgb(RGB[scene.color], rng))
+    img = Image.new(
+        "RGB", (image_size * k, image_size * k), _jitter_rgb(RGB[scene.background], rng)
+    )
+    _draw_shape(
+        ImageDraw.Draw(img), scene.shape, cx * k, cy * k, s * k, _jitter_rgb(RGB[scene.color], rng)
+    )
     img = img.resize((image_size, image_size), Image.Resampling.BOX)
     noise = np.random.default_rng(rng.getrandbits(64)).normal(0, 4, (image_size, image_size, 3))
     arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
@@ -152,8 +181,9 @@ def scene_rng(seed: int, key: str) -> random.Random:
     return random.Random(f"{seed}:{key}")
 
 
-def write_corpus(out_dir: str | Path, scenes: list[Scene], image_size: int = 64,
-                 seed: int = 0) -> Path:
+def write_corpus(
+    out_dir: str | Path, scenes: list[Scene], image_size: int = 64, seed: int = 0
+) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for sc in scenes:
@@ -175,8 +205,13 @@ def load_scenes(corpus_dir: str | Path) -> list[Scene]:
 
 # --------------------------------------------------------------------------- language
 
-EN_POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top",
-                "bottom": "at the bottom", "center": "in the center"}
+EN_POSITIONS = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
 # The retriever's own styles: the only text it is trained on.
 EN_TEMPLATES = [
     "a {size} {color} {shape} {pos}, {background} background",
@@ -187,13 +222,21 @@ EN_TEMPLATES = [
 
 
 def caption_en(scene: Scene, rng: random.Random) -> str:
-    return rng.choice(EN_TEMPLATES).format(
-        size=scene.size, color=scene.color, shape=scene.shape,
-        pos=EN_POSITIONS[scene.position], background=scene.background)
+    return fill_template(rng.choice(EN_TEMPLATES), scene)
+
+
+def fill_template(template: str, scene: Scene) -> str:
+    return template.format(
+        size=scene.size,
+        color=scene.color,
+        shape=scene.shape,
+        pos=EN_POSITIONS[scene.position],
+        background=scene.background,
+    )
 
 
 ZH_TEMPLATES = [
-    "{bg}上{pos}有一个{size}的{color}{shape}",
+    "{bg}的{pos}有一个{size}的{color}{shape}",
     "一个{size}{color}{shape}在{pos}，{bg}",
     "{bg}，{pos}是一个{color}的{size}{shape}",
     "找一张{bg}的图片，{pos}有{size}{color}{shape}",
@@ -204,8 +247,12 @@ ZH_TEMPLATES = [
 
 def query_zh(scene: Scene, rng: random.Random) -> str:
     return rng.choice(ZH_TEMPLATES).format(
-        size=ZH_SIZES[scene.size], color=ZH_COLORS[scene.color], shape=ZH_SHAPES[scene.shape],
-        pos=ZH_POSITIONS[scene.position], bg=ZH_COLORS[scene.background] + "背景")
+        size=ZH_SIZES[scene.size],
+        color=ZH_COLORS[scene.color],
+        shape=ZH_SHAPES[scene.shape],
+        pos=ZH_POSITIONS[scene.position],
+        bg=ZH_COLORS[scene.background] + "背景",
+    )
 
 
 FILLER = [
@@ -218,19 +265,33 @@ FILLER = [
     "There were a lot of similar ones so please look carefully.",
     "I hope this makes sense, I am not very good at describing pictures.",
 ]
-LONG_SHAPE = ["the thing in it was a {shape}, I am fairly sure",
-              "there was this {shape}, or at least it looked like a {shape} to me",
-              "I keep thinking of the {shape} in it"]
-LONG_COLOR = ["it was {color}, kind of a {color} colour I believe",
-              "the colour of it was {color} if I remember right",
-              "it was {color}"]
-LONG_SIZE = ["it was pretty {size} compared to the picture", "not huge or tiny, well, {size} really",
-             "I would call it {size}"]
-LONG_POS = {"left": "it sat over on the left side", "right": "it was off to the right",
-            "top": "it was up at the top", "bottom": "it was down at the bottom",
-            "center": "it was right in the center"}
-LONG_BG = ["behind it everything was {background}", "the whole background was {background}",
-           "with a plain {background} background"]
+LONG_SHAPE = [
+    "the thing in it was a {shape}, I am fairly sure",
+    "there was this {shape}, or at least it looked like a {shape} to me",
+    "I keep thinking of the {shape} in it",
+]
+LONG_COLOR = [
+    "it was {color}, kind of a {color} colour I believe",
+    "the colour of it was {color} if I remember right",
+    "it was {color}",
+]
+LONG_SIZE = [
+    "it was pretty {size} compared to the picture",
+    "not huge or tiny, well, {size} really",
+    "I would call it {size}",
+]
+LONG_POS = {
+    "left": "it sat over on the left side",
+    "right": "it was off to the right",
+    "top": "it was up at the top",
+    "bottom": "it was down at the bottom",
+    "center": "it was right in the center",
+}
+LONG_BG = [
+    "behind it everything was {background}",
+    "the whole background was {background}",
+    "with a plain {background} background",
+]
 
 
 def query_long(scene: Scene, rng: random.Random) -> str:
@@ -239,11 +300,13 @@ def query_long(scene: Scene, rng: random.Random) -> str:
     The filler alone is longer than the retriever's 32 tokens, so the description is
     mostly cut off; what survives is buried in words the retriever never saw.
     """
-    parts = [rng.choice(LONG_SHAPE).format(shape=scene.shape),
-             rng.choice(LONG_COLOR).format(color=scene.color),
-             rng.choice(LONG_SIZE).format(size=scene.size),
-             LONG_POS[scene.position],
-             rng.choice(LONG_BG).format(background=scene.background)]
+    parts = [
+        rng.choice(LONG_SHAPE).format(shape=scene.shape),
+        rng.choice(LONG_COLOR).format(color=scene.color),
+        rng.choice(LONG_SIZE).format(size=scene.size),
+        LONG_POS[scene.position],
+        rng.choice(LONG_BG).format(background=scene.background),
+    ]
     rng.shuffle(parts)
     head = rng.sample(FILLER, rng.randint(2, 3))
     tail = rng.sample([f for f in FILLER if f not in head], rng.randint(0, 1))
@@ -254,18 +317,26 @@ def query_long(scene: Scene, rng: random.Random) -> str:
 # --------------------------------------------------------------------------- splits
 
 
-def split_scenes(scenes: list[Scene], heldout_fraction: float = 0.2,
-                 seed: int = 0) -> tuple[list[Scene], list[Scene]]:
+def split_scenes(
+    scenes: list[Scene], heldout_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[Scene], list[Scene]]:
     order = list(range(len(scenes)))
     random.Random(seed).shuffle(order)
     n_held = round(len(scenes) * heldout_fraction)
     held = set(order[:n_held])
-    return ([s for i, s in enumerate(scenes) if i not in held],
-            [s for i, s in enumerate(scenes) if i in held])
+    return (
+        [s for i, s in enumerate(scenes) if i not in held],
+        [s for i, s in enumerate(scenes) if i in held],
+    )
 
 
-def write_pairs(corpus_dir: str | Path, pairs_dir: str | Path, train: list[Scene],
-                heldout: list[Scene], seed: int = 0) -> dict[str, Path]:
+def write_pairs(
+    corpus_dir: str | Path,
+    pairs_dir: str | Path,
+    train: list[Scene],
+    heldout: list[Scene],
+    seed: int = 0,
+) -> dict[str, Path]:
     """Query/target files; train gets two queries per scene, held-out one.
 
     Targets are relative to the pairs file so the folder pair can be moved as a whole.
@@ -273,9 +344,13 @@ def write_pairs(corpus_dir: str | Path, pairs_dir: str | Path, train: list[Scene
     pairs_dir = Path(pairs_dir)
     pairs_dir.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(Path(corpus_dir).resolve(), pairs_dir.resolve())
-    jobs = {"train-zh": (train, query_zh, 2), "heldout-zh": (heldout, query_zh, 1),
-            "train-long": (train, query_long, 2), "heldout-long": (heldout, query_long, 1),
-            "heldout-en": (heldout, caption_en, 1)}
+    jobs = {
+        "train-zh": (train, query_zh, 2),
+        "heldout-zh": (heldout, query_zh, 1),
+        "train-long": (train, query_long, 2),
+        "heldout-long": (heldout, query_long, 1),
+        "heldout-en": (heldout, caption_en, 1),
+    }
     out = {}
     for name, (scenes, fn, per_scene) in jobs.items():
         path = pairs_dir / f"{name}.jsonl"

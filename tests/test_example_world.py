@@ -1,0 +1,106 @@
+"""The shapes example world: seeded scenes, a decodable corpus, leak-free pairs."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+# examples/ is not an installed package and --import-mode=importlib does not put the
+# repository root on sys.path, so the bundled example is imported from the checkout.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.shapes import world  # noqa: E402
+
+
+def test_make_scenes_distinct_and_deterministic():
+    scenes = world.make_scenes(500, seed=3)
+    assert len({s.combo for s in scenes}) == 500
+    assert all(s.color != s.background for s in scenes)
+    assert scenes == world.make_scenes(500, seed=3)
+    assert scenes != world.make_scenes(500, seed=4)
+    assert {Path(s.file).suffix for s in scenes} == {".jpg", ".png"}
+    assert world.Scene.from_dict(scenes[0].to_dict()) == scenes[0]
+
+
+def test_render_is_deterministic_and_sized():
+    scene = world.make_scenes(1)[0]
+    a = world.render_scene(scene, random.Random(1))
+    b = world.render_scene(scene, random.Random(1))
+    assert a.size == (64, 64) and a.tobytes() == b.tobytes()
+    assert a.tobytes() != world.render_scene(scene, random.Random(2)).tobytes()
+
+
+def test_write_corpus_round_trips(tmp_path):
+    scenes = world.make_scenes(12, seed=1)
+    out = world.write_corpus(tmp_path / "corpus", scenes, seed=1)
+    assert world.load_scenes(out) == scenes
+    for s in scenes:
+        with Image.open(out / s.file) as img:
+            assert img.format == ("PNG" if s.file.endswith(".png") else "JPEG")
+            assert img.convert("RGB").size == (64, 64)
+    # Same seed, same bytes: the corpus is reproducible.
+    again = world.write_corpus(tmp_path / "again", scenes, seed=1)
+    png = next(s.file for s in scenes if s.file.endswith(".png"))
+    assert (out / png).read_bytes() == (again / png).read_bytes()
+
+
+def test_pairs_split_by_scene(tmp_path):
+    scenes = world.make_scenes(60, seed=2)
+    train, held = world.split_scenes(scenes, heldout_fraction=0.25, seed=2)
+    assert len(held) == 15 and {s.file for s in train}.isdisjoint(s.file for s in held)
+    corpus = world.write_corpus(tmp_path / "corpus", scenes, seed=2)
+    paths = world.write_pairs(corpus, tmp_path / "pairs", train, held, seed=2)
+    assert set(paths) == {"train-zh", "heldout-zh", "train-long", "heldout-long", "heldout-en"}
+
+    def targets(name):
+        rows = [json.loads(line) for line in paths[name].read_text("utf-8").splitlines()]
+        assert all(r["query"] for r in rows)
+        files = [(paths[name].parent / r["target"]).resolve() for r in rows]
+        assert all(f.is_file() for f in files)
+        return {f.name for f in files}
+
+    held_files = {s.file for s in held}
+    for name in ("train-zh", "train-long"):
+        assert targets(name) == {s.file for s in train}
+    for name in ("heldout-zh", "heldout-long", "heldout-en"):
+        assert targets(name) == held_files
+
+
+def test_zh_queries_use_only_the_listed_words():
+    words = {**world.ZH_SHAPES, **world.ZH_COLORS, **world.ZH_POSITIONS, **world.ZH_SIZES}
+    rng = random.Random(0)
+    for s in world.make_scenes(300, seed=5):
+        q = world.query_zh(s, rng)
+        assert world.ZH_COLORS[s.background] + "背景" in q
+        for attr, table in [
+            ("shape", world.ZH_SHAPES),
+            ("color", world.ZH_COLORS),
+            ("position", world.ZH_POSITIONS),
+            ("size", world.ZH_SIZES),
+        ]:
+            assert table[getattr(s, attr)] in q, (attr, q)
+        # No other attribute word sneaks in (colours: only object and background).
+        for table, keep in [
+            (world.ZH_SHAPES, {s.shape}),
+            (world.ZH_POSITIONS, {s.position}),
+            (world.ZH_SIZES, {s.size}),
+            (world.ZH_COLORS, {s.color, s.background}),
+        ]:
+            assert not [w for k, w in table.items() if k not in keep and w in q], q
+        assert not re.search(r"[A-Za-z]", q)
+    assert set(words.values()) >= {"圆形", "爱心", "中间", "小", "大", "黑色"}
+
+
+def test_long_queries_are_long_and_en_captions_short():
+    rng = random.Random(0)
+    for s in world.make_scenes(50, seed=6):
+        long_q = world.query_long(s, rng)
+        assert len(long_q.split()) > 45 and s.shape in long_q and s.background in long_q
+        assert len(world.caption_en(s, rng).split()) <= 12
