@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,17 +19,22 @@ if TYPE_CHECKING:
 _EXIF_ORIENTATION = 0x0112
 
 
+def _hasher():
+    return hashlib.blake2b(digest_size=16)
+
+
 def content_hash(path: str) -> str:
     """blake2b of the file's bytes: finds moved and copied files without decoding them."""
-    h = hashlib.blake2b(digest_size=16)
+    h = _hasher()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
-def decode_image(path: str, draft_size: int | None = None):
-    """(RGB image, (width, height) as displayed). Raises on anything that is not a sound image.
+def decode_image(path, draft_size: int | None = None):
+    """(RGB image, (width, height) as displayed) of a file name or binary file object.
+    Raises on anything that is not a sound image.
 
     JPEGs are decoded in draft mode at no less than `draft_size`: the decoder skips the
     DCT scales the model's resize would throw away anyway, several times faster.
@@ -69,7 +76,11 @@ def describe_error(e: BaseException) -> str:
 
 
 class _ImageFiles:
-    """A torch Dataset of paths; each item is (position, pixels or None, size, error)."""
+    """A torch Dataset of paths; each item is (position, pixels or None, size, error, hash).
+
+    The file is read once, for both its content hash and decoding: hashing here runs in
+    the parallel workers instead of a serial pass before them.
+    """
 
     def __init__(self, paths: list[str], preprocess, draft_size: int):
         self.paths, self.preprocess, self.draft_size = paths, preprocess, draft_size
@@ -79,12 +90,16 @@ class _ImageFiles:
 
     def __getitem__(self, i: int):
         try:
-            if os.path.getsize(self.paths[i]) == 0:
-                return i, None, (0, 0), "empty file (0 bytes)"
-            img, size = decode_image(self.paths[i], self.draft_size)
-            return i, self.preprocess(img), size, None
+            with open(self.paths[i], "rb") as f:
+                data = f.read()
+            if not data:
+                return i, None, (0, 0), "empty file (0 bytes)", None
+            h = _hasher()
+            h.update(data)
+            img, size = decode_image(io.BytesIO(data), self.draft_size)
+            return i, self.preprocess(img), size, None, h.hexdigest()
         except Exception as e:  # any decoder error is a per-file failure, never a crash
-            return i, None, (0, 0), describe_error(e)
+            return i, None, (0, 0), describe_error(e), None
 
 
 @dataclass
@@ -92,6 +107,7 @@ class DecodedBatch:
     positions: list[int]  # into the path list, for images that decoded
     pixels: torch.Tensor | None
     sizes: list[tuple[int, int]]
+    hashes: list[str]  # content_hash of each decoded file
     failures: list[tuple[int, str]]  # (position, reason)
 
 
@@ -103,6 +119,7 @@ def _collate(items) -> DecodedBatch:
         positions=[it[0] for it in ok],
         pixels=torch.stack([it[1] for it in ok]) if ok else None,
         sizes=[it[2] for it in ok],
+        hashes=[it[4] for it in ok],
         failures=[(it[0], it[3]) for it in items if it[1] is None],
     )
 
@@ -132,20 +149,74 @@ def decoded_batches(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    yield from loader
+    with warnings.catch_warnings():
+        # Workers are forked here, between two LanceDB calls, and only decode images:
+        # they never touch the LanceDB runtime its fork hook warns about.
+        warnings.filterwarnings("ignore", "lancedb fork support", RuntimeWarning)
+        batches = iter(loader)
+    yield from batches
+
+
+class CpuThreadPicker:
+    """Chooses torch's intra-op thread count for one run by timing its first batch.
+
+    On CPU the model shares the cores with the decode workers (and whatever else runs).
+    When they are busy, intra-op threads wait for one another at every op: on 2 busy
+    cores a tiny model ran 20x slower with 2 threads than with 1, and ViT-B-32 2x slower;
+    on idle cores, more threads are faster. So the first batch is split in four slices run
+    with the default count, 1 thread, the default, 1 thread; the faster per image is kept
+    (best slice of each: the first one also pays one-off allocations).
+    """
+
+    def __init__(self):
+        import torch
+
+        self.default = torch.get_num_threads()
+        self.chosen: int | None = None if self.default > 1 else self.default
+
+    def run(self, fn, pixels):
+        import torch
+
+        if self.chosen is not None or len(pixels) < 4:
+            return fn(pixels)
+        outs, best = [], {}
+        for threads, part in zip([self.default, 1] * 2, torch.tensor_split(pixels, 4), strict=True):
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            outs.append(fn(part))
+            per_image = (time.perf_counter() - t0) / len(part)
+            best[threads] = min(best.get(threads, per_image), per_image)
+        self.chosen = min(best, key=best.get)
+        torch.set_num_threads(self.chosen)
+        return torch.cat(outs)
+
+    def restore(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.default)
 
 
 def embed_batches(
     clip: ClipModel, paths: list[str], batch_size: int = 64, workers: int | None = None
 ) -> Iterator[tuple[DecodedBatch, torch.Tensor | None]]:
     """(batch, embeddings of its decoded images) for every batch, in path order."""
-    for batch in decoded_batches(
-        paths,
-        clip.preprocess,
-        clip.image_size,
-        batch_size,
-        workers,
-        pin_memory=clip.device.startswith("cuda"),
-    ):
-        vectors = clip.encode_images(batch.pixels) if batch.pixels is not None else None
-        yield batch, vectors
+    threads = CpuThreadPicker() if clip.device == "cpu" else None
+    try:
+        for batch in decoded_batches(
+            paths,
+            clip.preprocess,
+            clip.image_size,
+            batch_size,
+            workers,
+            pin_memory=clip.device.startswith("cuda"),
+        ):
+            if batch.pixels is None:
+                vectors = None
+            elif threads is not None:
+                vectors = threads.run(clip.encode_images, batch.pixels)
+            else:
+                vectors = clip.encode_images(batch.pixels)
+            yield batch, vectors
+    finally:
+        if threads is not None:
+            threads.restore()

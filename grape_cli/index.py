@@ -3,12 +3,14 @@
 A file is re-embedded only if its (path, size, mtime) changed; a new path whose bytes
 are already indexed (a move, rename or copy) reuses the stored embedding. Rows are
 committed every `commit_every` images, so a killed run loses at most one batch of work
-and the next run picks up from there.
+and the next run picks up from there. A run that finds nothing changed since the last
+complete one answers from that run's snapshot of file states, without opening LanceDB.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -17,7 +19,7 @@ from typing import Protocol
 
 from grape_cli.embed import content_hash, describe_error, embed_batches
 from grape_cli.errors import IndexMismatch, InputError
-from grape_cli.store import Store, default_index_dir, path_id
+from grape_cli.store import Store, default_index_dir, path_id, read_snapshot, writer_lock
 from grape_cli.walk import FoundFile, walk_images
 
 
@@ -100,23 +102,32 @@ def index_folders(
         raise IndexMismatch(
             f"index {index_dir} was built with {existing['model']}, not {spec}",
             "leave out --model to use the index's model, pass another --index, "
-            f"or delete {index_dir} to rebuild")
-    clip = None
-    if existing is None:
-        clip = load_clip(spec, device, precision)
-        store = Store.open_for_write(index_dir, clip.spec, clip.dim)
-    else:
-        store = Store.open(index_dir)
-
-    summary = IndexSummary(index=str(index_dir), model=store.model)
-    with store.writer_lock():
+            f"or delete {index_dir} to rebuild",
+        )
+    clip = load_clip(spec, device, precision) if existing is None else None
+    index_dir.mkdir(parents=True, exist_ok=True)
+    with writer_lock(index_dir):
         found, skipped = walk_images(root_list, exclude, skip_dirs=[index_dir])
+        if existing is not None:
+            quick = _unchanged_summary(index_dir, existing, root_list, found, skipped, keep_missing)
+            if quick is not None:
+                quick.seconds = time.perf_counter() - started
+                return quick
+            store = Store.open(index_dir)
+        else:
+            store = Store.open_for_write(index_dir, clip.spec, clip.dim)
+        summary = IndexSummary(index=str(index_dir), model=store.model)
         states = store.file_states()
         known_failures = store.failures()
-        new_failures = [
-            {"path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "reason": s.reason}
-            for s in skipped
-        ]
+        new_failures = []
+        for s in skipped:
+            failure = known_failures.get(s.path)
+            if failure and (failure["size"], failure["mtime_ns"]) == (s.size, s.mtime_ns):
+                summary.failed.append({"path": s.path, "reason": s.reason, "new": False})
+            else:
+                new_failures.append(
+                    {"path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "reason": s.reason}
+                )
 
         todo: list[FoundFile] = []
         for f in found:
@@ -131,12 +142,17 @@ def index_folders(
                 continue
             todo.append(f)
 
-        # Hash the candidates (I/O bound, threads are enough) to spot moves and copies.
+        # A moved or copied file has the size of a stored one: hash those now (I/O bound,
+        # threads are enough) to reuse their embeddings. The decode workers hash the rest.
+        stored_sizes = {s.size for s in states.values()}
+        candidates = [f for f in todo if f.size in stored_sizes]
         hashes: dict[str, str] = {}
-        if todo:
-            progress.start(len(todo), "hashing")
+        unreadable: set[str] = set()
+        if candidates:
+            progress.start(len(candidates), "hashing")
             with ThreadPoolExecutor(8) as pool:
-                for f, h in zip(todo, pool.map(_safe_hash, [f.path for f in todo]), strict=True):
+                paths = [f.path for f in candidates]
+                for f, h in zip(candidates, pool.map(_safe_hash, paths), strict=True):
                     if isinstance(h, Exception):
                         new_failures.append(
                             {
@@ -146,13 +162,20 @@ def index_folders(
                                 "reason": describe_error(h),
                             }
                         )
+                        unreadable.add(f.path)
                     else:
                         hashes[f.path] = h
                     progress.advance(1)
-        todo = [f for f in todo if f.path in hashes]
+        todo = [f for f in todo if f.path not in unreadable]
         on_disk = {f.path for f in found}
-        gone_hashes = {s.hash for p, s in states.items() if p not in on_disk}
-        reusable = store.vectors_for_hashes(hashes.values()) if todo else {}
+        # Rows this run deletes; a new path with one's content is that file, moved.
+        gone = (
+            []
+            if keep_missing
+            else [s for p, s in states.items() if p not in on_disk and _under(p, root_list)]
+        )
+        gone_hashes = Counter(s.hash for s in gone)
+        reusable = store.vectors_for_hashes(hashes.values()) if hashes else {}
 
         rows: list[dict] = []
 
@@ -172,12 +195,12 @@ def index_folders(
         def flush(force: bool = False) -> None:
             if rows and (force or len(rows) >= commit_every):
                 store.upsert(rows)
-                store.clear_failures([r["path"] for r in rows])
+                store.clear_failures([r["path"] for r in rows if r["path"] in known_failures])
                 rows.clear()
 
         to_encode: list[FoundFile] = []
         for f in todo:
-            reuse = reusable.get(hashes[f.path])
+            reuse = reusable.get(hashes.get(f.path))
             if reuse is None:
                 to_encode.append(f)
                 continue
@@ -185,7 +208,8 @@ def index_folders(
             rows.append(row(f, vector, width, height))
             if f.path in states:
                 summary.updated += 1
-            elif hashes[f.path] in gone_hashes:
+            elif gone_hashes[hashes[f.path]] > 0:
+                gone_hashes[hashes[f.path]] -= 1  # one source per move: two copies are not
                 summary.moved += 1
             else:
                 summary.added += 1
@@ -206,6 +230,7 @@ def index_folders(
                 if vectors is not None:
                     for j, pos in enumerate(batch.positions):
                         f = to_encode[pos]
+                        hashes[f.path] = batch.hashes[j]
                         w, h = batch.sizes[j]
                         rows.append(row(f, vectors[j].tolist(), w, h))
                         if f.path in states:
@@ -224,10 +249,8 @@ def index_folders(
         failed_paths = {r["path"] for r in summary.failed}
 
         # Removals last: a run killed before this point only leaves rows a re-run deletes.
-        if not keep_missing:
-            gone = [s.id for p, s in states.items() if p not in on_disk and _under(p, root_list)]
-            store.delete_ids(gone)
-            summary.removed = len(gone)
+        store.delete_ids(s.id for s in gone)
+        summary.removed = len(gone) - summary.moved
         stale_failures = [
             p for p in known_failures if _under(p, root_list) and p not in failed_paths
         ]
@@ -239,8 +262,44 @@ def index_folders(
             store.compact()
         roots_now = sorted(set(store.manifest.get("roots", [])) | set(root_list))
         store.write_manifest(roots=roots_now, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        store.write_snapshot()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _unchanged_summary(
+    index_dir: Path,
+    manifest: dict,
+    roots: list[str],
+    found: list[FoundFile],
+    skipped: list,
+    keep_missing: bool,
+) -> IndexSummary | None:
+    """The summary of a run that would change nothing, told from the last complete run's
+    snapshot without opening LanceDB; None when anything may differ (the full run decides)."""
+    snapshot = read_snapshot(index_dir)
+    if snapshot is None or not set(roots) <= set(manifest.get("roots", [])):
+        return None
+    rows, failures = snapshot["rows"], snapshot["failures"]
+    summary = IndexSummary(index=str(index_dir), model=manifest["model"])
+    seen = set()
+    for s in skipped:
+        known = failures.get(s.path)
+        if known is None or known[:2] != [s.size, s.mtime_ns]:
+            return None
+        summary.failed.append({"path": s.path, "reason": s.reason, "new": False})
+        seen.add(s.path)
+    for f in found:
+        known = rows.get(f.path) or failures.get(f.path)
+        if known is None or known[:2] != [f.size, f.mtime_ns]:
+            return None
+        if f.path in rows:
+            summary.unchanged += 1
+        else:
+            summary.failed.append({"path": f.path, "reason": known[2], "new": False})
+        seen.add(f.path)
+    gone = [p for p in (*failures, *([] if keep_missing else rows)) if p not in seen]
+    return None if any(_under(p, roots) for p in gone) else summary
 
 
 def _safe_hash(path: str):

@@ -4,6 +4,8 @@ Layout of an index folder:
   grape-index.json   manifest: schema version, embedding model spec and dimension, roots
   images.lance/      one row per image (see `image_schema`)
   failures.lance/    files that could not be indexed, with the reason
+  file-states.json   (path, size, mtime) of every row and failure as a complete run left
+                     them; any write deletes it first, so when present it is current
   .lock              held (flock) by the one process allowed to write
 
 Every write is a LanceDB commit (atomic), and rows are keyed by a stable id derived from
@@ -19,7 +21,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,56 @@ from grape_cli.errors import IndexLocked, IndexMismatch, IndexNotFound
 
 SCHEMA_VERSION = 1
 MANIFEST = "grape-index.json"
+SNAPSHOT = "file-states.json"
 IMAGES = "images"
 FAILURES = "failures"
+
+# Lock fds this process holds. A forked child (a DataLoader worker) closes its copies at
+# once: a flock belongs to the open file, so an orphaned worker of a killed writer would
+# otherwise keep the index locked until it noticed its parent was gone.
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        with suppress(OSError):
+            os.close(fd)  # closes the child's copy only; the parent keeps its lock
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+@contextmanager
+def writer_lock(root: Path) -> Iterator[None]:
+    """Exclusive write access to the index folder `root` (which must exist); released by
+    the kernel even if the process is killed. Needs no LanceDB: see `read_snapshot`."""
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexLocked(
+                f"another grape process is writing to {root}",
+                "wait for it to finish, or use another --index",
+            ) from None
+        _HELD_LOCKS.add(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)
+
+
+def read_snapshot(root: Path) -> dict | None:
+    """{"rows": {path: [size, mtime_ns]}, "failures": {path: [size, mtime_ns, reason]}} as
+    the last complete write left the index, or None. Lets a run that finds nothing changed
+    skip LanceDB altogether (importing it alone takes over a second)."""
+    try:
+        return json.loads((root / SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def default_index_dir() -> Path:
@@ -106,6 +156,7 @@ class Store:
         self.root = root
         self.manifest = manifest
         self._db = lancedb.connect(str(root))
+        self._snapshot_dropped = False
 
     # ------------------------------------------------------------------ opening
 
@@ -178,23 +229,23 @@ class Store:
         tmp.write_text(json.dumps(self.manifest, indent=2))
         os.replace(tmp, self.root / MANIFEST)  # atomic: readers never see half a manifest
 
-    @contextmanager
-    def writer_lock(self) -> Iterator[None]:
-        """Exclusive write access; released by the kernel even if the process is killed."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise IndexLocked(
-                    f"another grape process is writing to {self.root}",
-                    "wait for it to finish, or use another --index",
-                ) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-            yield
-        finally:
-            os.close(fd)
+    def writer_lock(self):
+        return writer_lock(self.root)
+
+    def write_snapshot(self) -> None:
+        """Record the file states of every row and failure (call after a complete write)."""
+        rows = {p: [s.size, s.mtime_ns] for p, s in self.file_states().items()}
+        failures = {p: [f["size"], f["mtime_ns"], f["reason"]] for p, f in self.failures().items()}
+        tmp = self.root / (SNAPSHOT + ".tmp")
+        tmp.write_text(json.dumps({"rows": rows, "failures": failures}))
+        os.replace(tmp, self.root / SNAPSHOT)
+        self._snapshot_dropped = False  # the next write through this Store drops it again
+
+    def _drop_snapshot(self) -> None:
+        """Before any change: a snapshot must never describe a table it does not match."""
+        if not self._snapshot_dropped:
+            (self.root / SNAPSHOT).unlink(missing_ok=True)
+            self._snapshot_dropped = True
 
     # ------------------------------------------------------------------ tables
 
@@ -249,6 +300,7 @@ class Store:
             return
         import pyarrow as pa
 
+        self._drop_snapshot()
         data = pa.Table.from_pylist(rows, schema=image_schema(self.dim))
         (
             self.images.merge_insert("id")
@@ -259,7 +311,10 @@ class Store:
 
     def delete_ids(self, ids: Iterable[str], table: str = IMAGES) -> None:
         tbl = self._db.open_table(table)
-        for chunk in _chunks(sorted(ids), 500):
+        ids = sorted(ids)
+        if ids:
+            self._drop_snapshot()
+        for chunk in _chunks(ids, 500):
             tbl.delete("id IN (" + ",".join(f"'{i}'" for i in chunk) + ")")
 
     def failures(self) -> dict[str, dict]:
@@ -272,6 +327,7 @@ class Store:
             return
         import pyarrow as pa
 
+        self._drop_snapshot()
         data = pa.Table.from_pylist(
             [{**r, "id": path_id(r["path"])} for r in rows], schema=failure_schema()
         )

@@ -39,6 +39,8 @@ def index_cmd(
         None, "--precision", help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    # Hidden: rows per LanceDB commit; tests lower it to kill a run between commits.
+    commit_every: int = typer.Option(512, "--commit-every", min=1, hidden=True),
 ) -> None:
     """Embed the images under PATHS into the index; re-run any time to pick up changes.
 
@@ -59,6 +61,7 @@ def index_cmd(
             keep_missing=keep_missing,
             device=device,
             precision=precision,
+            commit_every=commit_every,
             progress=progress,
         )
     if json_out:
