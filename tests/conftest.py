@@ -12,10 +12,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from grape_cli.tiny import build_tiny_clip, build_tiny_lm
+
+# One intra-op thread: the tensors here are tiny, and on a 2-core machine that also runs
+# subprocesses, torch's default of one thread per core spends its time waiting (measured
+# 41 s vs 137 s for the whole suite under load).
+torch.set_num_threads(1)
 
 LM_TEXTS = [
     "a small red circle on the left, blue background",
