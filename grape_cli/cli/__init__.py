@@ -57,7 +57,9 @@ def main() -> None:
     from rich.logging import RichHandler
 
     # Library modules warn through logging.getLogger("grape"); shown on stderr, one line each.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=err_console, show_time=False,
-                                              show_path=False)])
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_time=False, show_path=False)],
+    )
     app(prog_name="grape")
