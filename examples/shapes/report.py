@@ -1,0 +1,163 @@
+"""RESULTS.md for the shapes example: tables computed from grape's own JSON outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+ROWS = ("none", "base", "grpo-similarity", "grpo-rank")
+
+
+def _fmt(x, nd: int = 3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def clean_fraction(rewrites: list[str], clip) -> float:
+    """Share of rewrites with no format problem (grape's own format check) that fit the
+    retriever's context window."""
+    from grape_cli.reward import format_problems
+
+    ok = [
+        not format_problems(t, ended=True) and clip.count_tokens(t) <= clip.context_length
+        for t in rewrites
+    ]
+    return float(np.mean(ok)) if ok else 0.0
+
+
+def heldout_inflation(per_query: Path, spec: str, index_dir: Path, clip) -> dict:
+    """Score inflation of one rewriter's held-out rewrites, measured as in training."""
+    import torch
+
+    from grape_cli.reward import inflation, score_rewrites
+    from grape_cli.store import Store
+
+    meta, matrix = Store.open(index_dir).load_matrix(("path",))
+    row = {p: i for i, p in enumerate(meta["path"])}
+    recs = [json.loads(line) for line in per_query.read_text(encoding="utf-8").splitlines()]
+    recs = [r for r in recs if "rewrites" in r]
+    texts = [r["rewrites"][spec][0] for r in recs]
+    targets = [[row[t] for t in r["targets"] if t in row] for r in recs]
+    corpus = torch.from_numpy(matrix)
+    q = clip.encode_texts(texts)
+    ref = corpus[torch.randperm(len(corpus), generator=torch.Generator().manual_seed(0))[:256]]
+    out = inflation(score_rewrites(q, corpus, targets), q, ref)
+    out["clean"] = clean_fraction(texts, clip)
+    return out
+
+
+def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Path:
+    """Render RESULTS.md from `results` (what run.py collected) into `work`."""
+    lines = ["# grape shapes example: results", ""]
+    lines += [
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}. Seed {results['seed']}"
+        + (" (quick mode: a smoke run, numbers mean nothing)." if results["quick"] else "."),
+        "",
+        "Settings: `" + json.dumps(results["settings"]) + "`",
+        "",
+    ]
+
+    ret = results["retriever"]
+    lines += [
+        "## Retriever (tiny CLIP trained on English captions only)",
+        "",
+        "| held-out queries | R@1 | R@5 | R@10 |",
+        "|---|---|---|---|",
+    ]
+    for shift in ("en", "zh", "long"):
+        m = ret[shift]
+        lines.append(
+            f"| {shift} | {_fmt(m['recall@1'])} | {_fmt(m['recall@5'])} | {_fmt(m['recall@10'])} |"
+        )
+    lines.append("")
+
+    oracle = results["eval"]["en"]["rows"][0]["metrics"]
+    infl: dict[str, dict] = {}
+    for shift in ("zh", "long"):
+        report = results["eval"][shift]
+        rows = {names.get(r["rewriter"], r["rewriter"]): r for r in report["rows"]}
+        none_r10 = rows["none"]["metrics"]["recall@10"]
+        per_query = work / "eval" / f"per-query-{shift}.jsonl"
+        lines += [
+            f"## Held-out `{shift}` queries ({report['n_evaluated']} pairs)",
+            "",
+            "| rewriter | R@1 | R@5 | R@10 | MRR | median rank | gap closure R@10 "
+            "| clean rewrites | rewrite ms/query |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in ROWS:
+            r = rows[name]
+            m = r["metrics"]
+            span = oracle["recall@10"] - none_r10
+            gap = (m["recall@10"] - none_r10) / span if span > 0 else None
+            stats = heldout_inflation(per_query, r["rewriter"], work / "index", clip)
+            infl.setdefault(name, {})[shift] = stats
+            lines.append(
+                f"| {name} | {_fmt(m['recall@1'])} | {_fmt(m['recall@5'])} "
+                f"| {_fmt(m['recall@10'])} | {_fmt(m['mrr'])} | {m['median_rank']:.0f} "
+                f"| {_fmt(gap, 2)} | {stats['clean']:.0%} "
+                f"| {r['rewrite_ms_per_query']:.1f} |"
+            )
+        lines.append(
+            f"| en (oracle) | {_fmt(oracle['recall@1'])} | {_fmt(oracle['recall@5'])} "
+            f"| {_fmt(oracle['recall@10'])} | {_fmt(oracle['mrr'])} "
+            f"| {oracle['median_rank']:.0f} | 1.00 | - | - |"
+        )
+        lines.append("")
+
+    lines += [
+        "## Score inflation",
+        "",
+        "Mean cosine of a rewrite to its target, to its 10 best-scoring non-target "
+        "images, and to 256 random corpus images. Held-out rewrites (zh and long):",
+        "",
+        "| rewriter | shift | target | top-10 non-target | random |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ROWS:
+        for shift, s in infl[name].items():
+            lines.append(
+                f"| {name} | {shift} | {s['target_cos']:.3f} "
+                f"| {s['top_nontarget_cos']:.3f} | {s['random_cos']:.3f} |"
+            )
+    lines += [
+        "",
+        "During training (mean over the first and the last tenth of the steps):",
+        "",
+        "| reward | when | target | top-10 non-target | random |",
+        "|---|---|---|---|---|",
+    ]
+    for reward in ("rank", "similarity"):
+        for when, s in results[f"train_{reward}"].get("inflation", {}).items():
+            lines.append(
+                f"| {reward} | {when} | {_fmt(s.get('target_cos'))} "
+                f"| {_fmt(s.get('top_nontarget_cos'))} | {_fmt(s.get('random_cos'))} |"
+            )
+    lines.append("")
+
+    lines += ["## Time", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in results["stages_s"].items()]
+    lines.append(f"| total | {sum(results['stages_s'].values()):.1f} |")
+    for reward in ("rank", "similarity"):
+        t = results[f"train_{reward}"]
+        lines.append(
+            f"\nGRPO `{reward}`: {t['steps']} steps, {t['seconds_per_step']:.2f} s/step "
+            f"(reward {t['reward_seconds_per_step'] * 1000:.0f} ms/step), best "
+            f"checkpoint at step {t['best_step']}."
+        )
+    lines += [
+        "",
+        "## `grape search` in Chinese with the rank-tuned rewriter",
+        "",
+        "```",
+        results["search"].rstrip(),
+        "```",
+        "",
+    ]
+    path = work / "RESULTS.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

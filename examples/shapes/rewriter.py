@@ -1,0 +1,477 @@
+"""The shapes world's base rewriter: a tiny LM that plays an off-the-shelf LLM.
+
+Before GRPO, GRAPE starts from an instruction-tuned LLM that already knows the task
+(turn any query into a short English caption) but not the words *this* retriever was
+trained on. We cannot download one here, so `train_base_rewriter` builds that starting
+point: a 1.6M-parameter Qwen2-architecture LM, supervised on the training scenes'
+Chinese, long rambling English and short English queries, prompted exactly as grape
+prompts (`render_prompt` with the default `PromptTemplate`, then target, `<|im_end|>`).
+
+Its targets imitate an LLM's own house style, so its imperfection is realistic and known:
+
+- Synonyms the retriever never saw. Most values have a preferred paraphrase (`SYNONYMS`):
+  crimson for red, box for square, donut for ring, rhombus for diamond, "in the upper/
+  lower part" for top/bottom, "in the middle" for center, tiny/big for small/large,
+  "backdrop" for "background"; left and right become a vague "off to one side" now and
+  then. A few values it names as the retriever does, as a real LLM would (`NATURAL`:
+  triangle, star, white, black, left, right).
+- Its own caption layouts ("a big crimson box in the upper part, against a golden
+  backdrop"), none of them the retriever's.
+- It drops details: size, position or background are left out of some targets, and
+  more often for long inputs; a long ramble mostly loses its background.
+- It copes only partly with long inputs: the supervised model also mixes up the
+  object's colour with the background's in about half of them (not by design: a tiny
+  model's limit at this training budget, like a small LLM's on rambling text).
+
+GRPO can only amplify what the policy already samples (shared stack notes: with the
+right word in none of the supervised targets, GRPO went nowhere; with 5% it reached the
+oracle). So each attribute gets the retriever's exact word in `P_EXACT` of targets, and
+`P_ORACLE` of targets are the retriever's own caption (`caption_en`): about 9% per
+attribute. Greedy decoding says the synonym; sampling at temperature 1 finds the exact
+word now and then.
+
+Measured on 400 held-out scenes (seed 0, 1,500 steps, ~2 minutes on 2 cores): greedy
+rewrites of Chinese queries name every attribute, with the exact word only for the
+NATURAL values (size never); of the queries whose greedy rewrite misses a word, 25-55%
+have it in at least one of 8 samples (long inputs: 20-55%). Against the example's retriever, held-out
+Chinese queries rewritten this way reach Recall@10 ~0.05; the same rewrites with the
+synonyms mapped back to the retriever's words ~0.95: what GRPO has to find is wording.
+
+    python -m examples.shapes.rewriter OUT_DIR [--steps N] [--quick] [--eval N]
+
+trains on the default world's training split and prints held-out usage statistics.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+from examples.shapes.world import (
+    ATTRIBUTES,
+    COLORS,
+    EN_POSITIONS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ZH_COLORS,
+    ZH_POSITIONS,
+    ZH_SHAPES,
+    ZH_SIZES,
+    Scene,
+    caption_en,
+    query_long,
+    query_zh,
+)
+from grape_cli.prompt import PromptTemplate, render_prompt
+from grape_cli.tiny import build_tiny_lm
+
+# The base LLM's vocabulary: first entry is its habit, the rest are rarer variants.
+SYNONYMS: dict[str, list[str]] = {
+    "circle": ["disc", "round dot"],
+    "square": ["box", "block"],
+    "triangle": ["pyramid"],
+    "star": ["pentagram"],
+    "cross": ["plus sign", "plus"],
+    "ring": ["donut", "hoop"],
+    "diamond": ["rhombus", "lozenge"],
+    "heart": ["love symbol", "valentine"],
+    "red": ["crimson", "scarlet"],
+    "green": ["emerald", "lime"],
+    "blue": ["navy", "azure"],
+    "yellow": ["golden", "lemon"],
+    "purple": ["violet", "lilac"],
+    "orange": ["amber", "tangerine"],
+    "white": ["ivory"],
+    "black": ["charcoal"],
+    "small": ["tiny", "little"],
+    "large": ["big", "huge"],
+    # "off to one side" loses left/right: a vague paraphrase, as LLMs do.
+    "left": ["off to one side"],
+    "right": ["off to one side"],
+    "top": ["in the upper part", "near the upper edge"],
+    "bottom": ["in the lower part", "near the lower edge"],
+    "center": ["in the middle", "in the centre"],
+}
+# Values the base LLM already names as the retriever does: not every word is wrong.
+NATURAL = {"triangle", "star", "white", "black", "left", "right"}
+assert set(SYNONYMS) == {*SHAPES, *COLORS, *SIZES, *POSITIONS}, "world vocabulary changed"
+
+P_EXACT = 0.06  # per attribute: the retriever's word instead of the habit
+P_ORACLE = 0.04  # whole target: the retriever's own caption (~9% exact per attribute)
+P_NATURAL = 0.85  # a NATURAL value comes out exact this often
+P_VARIANT = 0.25  # among synonyms, the rarer variants
+# Chance to leave a detail out, for (short, long) inputs. A long ramble mostly loses its
+# background: the LLM keeps to the object.
+P_DROP = {"size": (0.25, 0.4), "position": (0.1, 0.3), "background": (0.15, 0.55)}
+# After the Chinese-only start (ZH_FIRST). Long inputs are the hardest and the costliest
+# (~3.4x a short step), and still only partly learned: see the module docstring.
+INPUT_MIX = {"zh": 0.2, "long": 0.5, "en": 0.3}
+ZH_FIRST = 0.35  # fraction of steps on Chinese inputs only
+
+# 1.6M parameters. Width mattered more than depth: at hidden 128 (2 or 4 layers) the
+# model had not begun to read the query after 600 steps; at 256 it had by ~300. A GRPO
+# step's sampling (64 completions x 24 tokens) takes ~0.2 s for Chinese prompts, ~0.4 s
+# for long ones, on 2 cores.
+ARCH = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+}
+VOCAB = 2500  # an upper bound: the BPE runs out of merges near 960
+STEPS, QUICK_STEPS = 1500, 80
+BATCH = 16
+LR, WARMUP = 2e-3, 30
+
+
+def _word(value: str, rng: random.Random) -> str:
+    """How the base LLM names one attribute value (position: the whole phrase)."""
+    exact = EN_POSITIONS.get(value, value)
+    p_exact = P_NATURAL if value in NATURAL else P_EXACT
+    if rng.random() < p_exact:
+        return exact
+    syns = SYNONYMS[value]
+    if len(syns) > 1 and rng.random() < P_VARIANT:
+        return rng.choice(syns[1:])
+    return syns[0]
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def base_caption(scene: Scene, rng: random.Random, long_input: bool = False) -> str:
+    """One supervised target: what the imitated LLM would answer for this scene."""
+    if rng.random() < P_ORACLE:
+        return caption_en(scene, rng)
+    keep = {k: rng.random() >= p[long_input] for k, p in P_DROP.items()}
+    noun = f"{_word(scene.color, rng)} {_word(scene.shape, rng)}"
+    if keep["size"]:
+        noun = f"{_word(scene.size, rng)} {noun}"
+    pos = _word(scene.position, rng) if keep["position"] else ""
+    bg = ""
+    if keep["background"]:
+        bg_word = "background" if rng.random() < P_EXACT else "backdrop"
+        bg = f"{_word(scene.background, rng)} {bg_word}"
+    style = rng.choices([0, 1, 2], weights=[0.6, 0.25, 0.15])[0]
+    if style == 0:  # "a big crimson box in the upper part, against a golden backdrop"
+        parts = [_a(noun) + (f" {pos}" if pos else "")] + ([f"against {_a(bg)}"] if bg else [])
+    elif style == 1:  # "image of a crimson box, in the upper part, golden backdrop"
+        parts = [f"image of {_a(noun)}"] + [p for p in (pos, bg) if p]
+    else:  # "big crimson box in the upper part with a golden backdrop"
+        return " ".join([noun, *([pos] if pos else []), *([f"with {_a(bg)}"] if bg else [])])
+    return ", ".join(parts)
+
+
+def make_example(scene: Scene, rng: random.Random, kind: str) -> tuple[str, str]:
+    """(query, target) for one scene and input kind: 'zh', 'long' or 'en'."""
+    query = {"zh": query_zh, "long": query_long, "en": caption_en}[kind](scene, rng)
+    return query, base_caption(scene, rng, long_input=kind == "long")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _tokenizer_corpus(scenes: list[Scene], rng: random.Random) -> list[str]:
+    """Texts for the BPE: English as written, Chinese cut into words.
+
+    Byte-level pre-tokenisation splits on spaces, and Chinese has none: trained on whole
+    queries, BPE learned one token per templated clause ("上面有大橙色圆环"), so a new
+    combination of attributes tokenised into junk the model never saw. Trained on each
+    word as its own text, merges stay inside words, as in a real LLM's vocabulary.
+    """
+    words = sorted(
+        {*ZH_SHAPES.values(), *ZH_COLORS.values(), *ZH_POSITIONS.values(), *ZH_SIZES.values()},
+        key=len,
+        reverse=True,
+    )
+    # "红色背景" as one word: the background colour then never looks like the object's.
+    # Without it the model confused the two in 9 of 10 Chinese queries after 1,000 steps.
+    words = [c + "背景" for c in ZH_COLORS.values()] + words
+    cut = re.compile("(" + "|".join(map(re.escape, words)) + ")")
+    corpus = [PromptTemplate().system] * 20
+    for sc in scenes:
+        corpus += [p for p in cut.split(query_zh(sc, rng)) if p]
+        corpus += [query_long(sc, rng), caption_en(sc, rng), base_caption(sc, rng)]
+    corpus += [s for syns in SYNONYMS.values() for s in syns] * 5
+    return corpus
+
+
+def _encode(tokenizer, prompts: dict[str, list[int]], query: str, target: str):
+    """Prompt ids exactly as grape renders them, then target ids and EOS."""
+    if query not in prompts:
+        text = render_prompt(tokenizer, PromptTemplate(), query)
+        prompts[query] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompts[query], answer
+
+
+def _loss(model, tokenizer, pairs: list[tuple[list[int], list[int]]]):
+    """Mean loss on the answers (prompt tokens get none), right-padded.
+
+    Every prompt starts with the same ~64 tokens (system message, "Query:"), a third to
+    two thirds of each sequence; they are run once and their keys and values repeated
+    over the batch. Same loss and gradients as the plain batch, 1.4-2.3x less compute.
+    """
+    import torch
+
+    first = pairs[0][0]
+    n = min(len(p) for p, _ in pairs) - 1  # keep one prompt token to predict the answer
+    n = next((i for i in range(n) if any(p[i] != first[i] for p, _ in pairs)), n)
+    width = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100)
+    for i, (p, a) in enumerate(pairs):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        mask[i, : len(p) + len(a)] = 1
+        labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
+    # transformers 5 renamed `past_key_values` to `cache`, in and out
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = model(input_ids=ids[:1, :n], use_cache=True)[arg]
+    cache.batch_repeat_interleave(len(pairs))
+    return model(
+        input_ids=ids[:, n:], attention_mask=mask, labels=labels[:, n:], **{arg: cache}
+    ).loss
+
+
+def train_base_rewriter(
+    out_dir,
+    scenes_train: list[Scene],
+    seed: int = 0,
+    steps: int | None = None,
+    quick: bool = False,
+    log=print,
+) -> Path:
+    """Build, supervise and save the base rewriter in `out_dir`; returns the folder.
+
+    Only `scenes_train` are seen. quick=True is a smoke-test size (seconds, no quality).
+    """
+    import torch
+
+    from grape_cli.models import load_causal_lm
+
+    t0 = time.time()
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    steps = steps if steps is not None else (QUICK_STEPS if quick else STEPS)
+    kinds, weights = list(INPUT_MIX), list(INPUT_MIX.values())
+
+    corpus = _tokenizer_corpus(scenes_train[:200] if quick else scenes_train, rng)
+    build_tiny_lm(out, corpus, preset=ARCH, vocab_size=VOCAB, seed=seed)
+    model, tokenizer = load_causal_lm(str(out), device="cpu")
+    model.train()
+    log(
+        f"base rewriter: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+        f"vocab {len(tokenizer)}, {steps} steps (tokenizer {time.time() - t0:.1f}s)"
+    )
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to zero
+        if step < WARMUP:
+            return (step + 1) / WARMUP
+        return 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / max(1, steps - WARMUP)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    prompts: dict[str, list[int]] = {}
+    ema = None
+    for step in range(steps):
+        # One input kind per batch, so short batches are not padded to a long query.
+        # Chinese alone first: its words are never output words and a background colour
+        # is one token, so the model learns to look attributes up within ~300 steps;
+        # with English mixed in from the start it often had not after 1,000 (measured).
+        kind = rng.choices(kinds, weights)[0] if step >= ZH_FIRST * steps else "zh"
+        pairs = [
+            _encode(tokenizer, prompts, *make_example(rng.choice(scenes_train), rng, kind))
+            for _ in range(BATCH)
+        ]
+        loss = _loss(model, tokenizer, pairs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(f"  step {step + 1}/{steps}  loss {ema:.3f}  {time.time() - t0:.0f}s")
+        if len(prompts) > 20000:  # the cache is for repeated Chinese queries; keep it bounded
+            prompts.clear()
+
+    model.eval()
+    model.save_pretrained(out)
+    meta = {
+        "seed": seed,
+        "steps": steps,
+        "batch": BATCH,
+        "lr": LR,
+        "arch": ARCH,
+        "vocab": len(tokenizer),
+        "train_scenes": len(scenes_train),
+        "final_loss": ema,
+        "seconds": round(time.time() - t0, 1),
+        "p_exact": P_EXACT,
+        "p_oracle": P_ORACLE,
+    }
+    (out / "base_rewriter.json").write_text(json.dumps(meta, indent=2))
+    log(f"base rewriter saved to {out} in {meta['seconds']}s")
+    return out
+
+
+# --------------------------------------------------------------------------- analysis
+
+_VALUES = {"shape": SHAPES, "color": COLORS, "position": POSITIONS, "size": SIZES}
+
+
+def _find(text: str, phrase: str) -> list[int]:
+    return [m.start() for m in re.finditer(rf"\b{re.escape(phrase)}\b", text)]
+
+
+def word_usage(text: str, scene: Scene) -> dict[str, str]:
+    """Per attribute: 'exact' (the retriever's word), 'synonym', 'wrong' or 'dropped'.
+
+    Colour and background share a vocabulary: a colour word right before "background"
+    or "backdrop" is the background, the first other one is the object's colour.
+    """
+    text = text.lower()
+    spans: list[tuple[int, str, bool]] = []  # (offset, colour value, is exact word)
+    for c in COLORS:
+        spans += [(i, c, True) for i in _find(text, c)]
+        spans += [(i, c, False) for s in SYNONYMS[c] for i in _find(text, s)]
+    spans.sort()
+    bg_at = {m.start() for m in re.finditer(r"\b\w+(?= (background|backdrop)\b)", text)}
+    colour_spans = {
+        "background": [s for s in spans if s[0] in bg_at],
+        "color": [s for s in spans if s[0] not in bg_at],
+    }
+    out = {}
+    for attr in ATTRIBUTES:
+        true = getattr(scene, attr)
+        if attr in colour_spans:
+            hits = colour_spans[attr][:1]
+            out[attr] = (
+                "dropped"
+                if not hits
+                else "wrong"
+                if hits[0][1] != true
+                else "exact"
+                if hits[0][2]
+                else "synonym"
+            )
+            continue
+        if _find(text, true):
+            out[attr] = "exact"
+        elif any(_find(text, s) for s in SYNONYMS[true]):
+            out[attr] = "synonym"
+        elif any(_find(text, w) for v in _VALUES[attr] for w in [v, *SYNONYMS[v]]):
+            out[attr] = "wrong"
+        else:
+            out[attr] = "dropped"
+    return out
+
+
+def usage_report(
+    model_dir,
+    scenes: list[Scene],
+    seed: int = 0,
+    samples: int = 8,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+) -> dict:
+    """Held-out zh/long queries: greedy word usage, and exact-word reach when sampling.
+
+    `reach` is the fraction of queries where at least one of `samples` completions at
+    `temperature` uses the retriever's exact word: what GRPO has to work with. `rescue`
+    is the same among the queries whose greedy rewrite misses that word.
+    """
+    import torch
+
+    from grape_cli.models import load_causal_lm
+    from grape_cli.prompt import clean_rewrite
+
+    model, tokenizer = load_causal_lm(str(model_dir), device="cpu")
+    torch.manual_seed(seed)
+    report: dict = {}
+    for kind, fn in (("zh", query_zh), ("long", query_long)):
+        rng = random.Random(f"{seed}:{kind}")
+        queries = [fn(sc, rng) for sc in scenes]
+        greedy, reach, rescue = Counter(), Counter(), Counter()
+        examples = []
+        for i in range(0, len(scenes), 32):
+            batch = [render_prompt(tokenizer, PromptTemplate(), q) for q in queries[i : i + 32]]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            n = enc["input_ids"].shape[1]
+            with torch.no_grad():
+                g = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens)
+                s = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    num_return_sequences=samples,
+                    max_new_tokens=max_new_tokens,
+                )
+            g_txt = tokenizer.batch_decode(g[:, n:], skip_special_tokens=True)
+            s_txt = tokenizer.batch_decode(s[:, n:], skip_special_tokens=True)
+            for j, sc in enumerate(scenes[i : i + 32]):
+                text = clean_rewrite(g_txt[j])
+                if len(examples) < 4:
+                    examples.append([queries[i + j], text])
+                usage = word_usage(text, sc)
+                greedy.update(usage.items())
+                hits = {
+                    a
+                    for k in range(samples)
+                    for a, u in word_usage(clean_rewrite(s_txt[j * samples + k]), sc).items()
+                    if u == "exact"
+                }
+                reach.update(hits)
+                rescue.update(a for a in hits if usage[a] != "exact")
+        n_miss = {a: len(scenes) - greedy[a, "exact"] for a in ATTRIBUTES}
+        report[kind] = {
+            "greedy": {
+                a: {
+                    u: round(greedy[a, u] / len(scenes), 3)
+                    for u in ("exact", "synonym", "wrong", "dropped")
+                }
+                for a in ATTRIBUTES
+            },
+            f"reach@{samples}": {a: round(reach[a] / len(scenes), 3) for a in ATTRIBUTES},
+            f"rescue@{samples}": {a: round(rescue[a] / max(1, n_miss[a]), 3) for a in ATTRIBUTES},
+            "examples": examples,
+        }
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    from examples.shapes.world import make_scenes, split_scenes
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--eval", type=int, default=200, help="held-out scenes to analyse")
+    args = ap.parse_args(argv)
+    train, heldout = split_scenes(make_scenes())
+    folder = train_base_rewriter(args.out_dir, train, steps=args.steps, quick=args.quick)
+    t = time.time()
+    report = usage_report(folder, heldout[: args.eval])
+    report["eval_seconds"] = round(time.time() - t, 1)
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The bundled example, end to end: `python -m examples.shapes.run [--quick] [--workdir DIR]`.
+
+Builds the shapes world, trains its tiny CLIP retriever and tiny base rewriter, then runs
+grape's own commands on it, as a user would: `grape index`, `grape eval`, `grape train`
+(rank and similarity rewards), `grape eval` again and one `grape search` in Chinese.
+Writes RESULTS.md (tables, settings, seeds, timings, machine) into the work folder.
+
+Work folder layout (default examples/shapes/work/):
+  corpus/ (images + scenes.jsonl)  retriever/  index/  rewriter-base/
+  runs/rank/  runs/similarity/  pairs/  eval/  RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHIFTS = ("zh", "long")
+
+# Settings of a full run (<= 30 minutes on 2 CPU cores) and of the CI smoke run.
+FULL = {
+    "scenes": 2000,
+    "retriever_minutes": 4.0,
+    "retriever_steps": None,
+    "sft_steps": None,
+    "grpo_steps": 400,
+    "group_size": 8,
+    "queries_per_step": 8,
+    "learning_rate": 1e-4,
+    "beta": 0.0,
+    "eval_every": 50,
+}
+QUICK = {
+    "scenes": 160,
+    "retriever_minutes": 0.2,
+    "retriever_steps": 20,
+    "sft_steps": 20,
+    "grpo_steps": 4,
+    "group_size": 4,
+    "queries_per_step": 4,
+    "learning_rate": 1e-4,
+    "beta": 0.0,
+    "eval_every": 2,
+}
+
+SEARCH_QUERY = "一个小的红色圆形在左边，蓝色背景"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def grape(*args, json_out: bool = True) -> dict | str:
+    """Run a grape command in a subprocess, exactly as a user would; JSON result."""
+    cmd = [sys.executable, "-m", "grape_cli", *map(str, args)] + (["--json"] if json_out else [])
+    log("$ grape " + " ".join(map(str, args)))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"grape {args[0]} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout) if json_out else proc.stdout
+
+
+class Timer:
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                log(f"== {name}")
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.stages[name] = time.perf_counter() - self.t
+
+        return _Stage()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", type=Path, default=HERE / "work")
+    p.add_argument("--quick", action="store_true", help="tiny world, few steps (CI smoke run)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    from examples.shapes.retriever import encode_corpus, evaluate_retriever, train_retriever
+    from examples.shapes.rewriter import train_base_rewriter
+    from examples.shapes.world import (
+        caption_en,
+        make_scenes,
+        query_long,
+        query_zh,
+        split_scenes,
+        write_corpus,
+        write_pairs,
+    )
+
+    cfg = QUICK if a.quick else FULL
+    work = a.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    results: dict = {"settings": cfg, "seed": a.seed, "quick": a.quick}
+
+    with timer("world"):
+        scenes = make_scenes(cfg["scenes"], a.seed)
+        train, held = split_scenes(scenes, seed=a.seed)
+        write_corpus(work / "corpus", scenes, seed=a.seed)
+        pairs = write_pairs(work / "corpus", work / "pairs", train, held, seed=a.seed)
+        mixed = work / "pairs" / "train-mixed.jsonl"
+        mixed.write_text(
+            pairs["train-zh"].read_text(encoding="utf-8")
+            + pairs["train-long"].read_text(encoding="utf-8"),
+            encoding="utf-8",
+        )
+
+    with timer("retriever"):
+        retriever = train_retriever(
+            work / "retriever",
+            train,
+            seed=a.seed,
+            minutes=cfg["retriever_minutes"],
+            quick=a.quick,
+            exclude=held,
+            steps=cfg["retriever_steps"],
+            log=log,
+        )
+        from grape_cli.models import load_clip
+
+        clip = load_clip(str(retriever), device="cpu")
+        corpus = encode_corpus(clip, work / "corpus")
+        results["retriever"] = {
+            name: evaluate_retriever(retriever, work / "corpus", held, a.seed, fn, clip, corpus)
+            for name, fn in {"en": caption_en, "zh": query_zh, "long": query_long}.items()
+        }
+
+    with timer("index"):
+        results["index"] = grape(
+            "index", work / "corpus", "--index", work / "index", "--model", retriever
+        )
+
+    with timer("base rewriter"):
+        base = train_base_rewriter(
+            work / "rewriter-base",
+            train,
+            seed=a.seed,
+            steps=cfg["sft_steps"],
+            quick=a.quick,
+            log=log,
+        )
+
+    runs = {}
+    for reward in ("rank", "similarity"):
+        with timer(f"grpo {reward}"):
+            out = work / "runs" / reward
+            results[f"train_{reward}"] = grape(
+                "train",
+                mixed,
+                "--index",
+                work / "index",
+                "--base-model",
+                base,
+                "--reward",
+                reward,
+                "--steps",
+                cfg["grpo_steps"],
+                "--group-size",
+                cfg["group_size"],
+                "--queries-per-step",
+                cfg["queries_per_step"],
+                "--learning-rate",
+                cfg["learning_rate"],
+                "--beta",
+                cfg["beta"],
+                "--eval-every",
+                cfg["eval_every"],
+                "--seed",
+                a.seed,
+                "--out",
+                out,
+            )
+            runs[reward] = out
+
+    rewriters = ["none", base, runs["similarity"], runs["rank"]]
+    names = {
+        "none": "none",
+        str(base): "base",
+        str(runs["similarity"]): "grpo-similarity",
+        str(runs["rank"]): "grpo-rank",
+    }
+    with timer("eval"):
+        (work / "eval").mkdir(exist_ok=True)
+        results["eval"] = {}
+        for shift in SHIFTS:
+            args = [
+                pairs[f"heldout-{shift}"],
+                "--index",
+                work / "index",
+                "--per-query",
+                work / "eval" / f"per-query-{shift}.jsonl",
+            ]
+            for r in rewriters:
+                args += ["--rewriter", r]
+            results["eval"][shift] = grape("eval", *args)
+        results["eval"]["en"] = grape(
+            "eval", pairs["heldout-en"], "--index", work / "index", "--rewriter", "none"
+        )
+
+    with timer("search"):
+        results["search"] = grape(
+            "search",
+            SEARCH_QUERY,
+            "--index",
+            work / "index",
+            "--rewriter",
+            runs["rank"],
+            "-k",
+            5,
+            json_out=False,
+        )
+
+    results["stages_s"] = timer.stages
+    (work / "results.json").write_text(
+        json.dumps(results, indent=1, ensure_ascii=False, default=str)
+    )
+    from examples.shapes.report import write_results
+
+    write_results(work, results, names, clip)
+    log(f"wrote {work / 'RESULTS.md'}")
+    print((work / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

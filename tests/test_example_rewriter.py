@@ -1,0 +1,75 @@
+"""The shapes example's base rewriter: its supervised targets, and a quick-mode model
+that loads and generates through grape's own loader and prompt."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+# examples/ is not an installed package and --import-mode=importlib does not put the
+# repository root on sys.path, so the bundled example is imported from the checkout.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.shapes import rewriter, world  # noqa: E402
+from grape_cli.models import load_causal_lm  # noqa: E402
+from grape_cli.prompt import PromptTemplate, clean_rewrite, render_prompt  # noqa: E402
+
+
+def test_targets_mostly_synonyms_but_sometimes_exact():
+    """GRPO needs the exact words in the policy's samples, but not as its habit."""
+    rng = random.Random(0)
+    scenes = world.make_scenes(400, seed=1)
+    usage = Counter()
+    for sc in scenes:
+        for attr, u in rewriter.word_usage(rewriter.base_caption(sc, rng), sc).items():
+            usage[attr, u] += 1
+    for attr in ("shape", "color", "size"):
+        assert usage[attr, "wrong"] == 0
+        assert usage[attr, "synonym"] > usage[attr, "exact"]
+    exact_size = usage["size", "exact"] / len(scenes)  # no size value is NATURAL
+    assert 0.04 < exact_size < 0.2
+    assert usage["background", "dropped"] > 0
+
+
+def test_word_usage_reads_retriever_and_base_captions():
+    sc = world.Scene("x.jpg", "square", "red", "blue", "top", "small")
+    caption = world.caption_en(sc, random.Random(0))
+    assert set(rewriter.word_usage(caption, sc).values()) == {"exact"}
+    assert rewriter.word_usage(
+        "a tiny crimson box in the upper part, against a navy backdrop", sc
+    ) == dict.fromkeys(world.ATTRIBUTES, "synonym")
+    assert rewriter.word_usage("a green box", sc) == {
+        "shape": "synonym",
+        "color": "wrong",
+        "background": "dropped",
+        "position": "dropped",
+        "size": "dropped",
+    }
+
+
+def test_quick_base_rewriter_loads_and_generates_one_line(tmp_path):
+    train, _ = world.split_scenes(world.make_scenes(300, seed=0))
+    folder = rewriter.train_base_rewriter(
+        tmp_path / "base", train, steps=30, quick=True, log=lambda _: None
+    )
+    assert json.loads((folder / "base_rewriter.json").read_text())["steps"] > 0
+
+    model, tokenizer = load_causal_lm(str(folder), device="cpu")
+    assert tokenizer.eos_token == "<|im_end|>"
+    query = world.query_zh(train[0], random.Random(0))
+    prompt = render_prompt(tokenizer, PromptTemplate(), query)
+    assert query in tokenizer.decode(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=16)
+    new = out[0, enc["input_ids"].shape[1] :].tolist()
+    assert tokenizer.eos_token_id in new  # stops at <|im_end|>, as GRPO's format gate needs
+    text = clean_rewrite(tokenizer.decode(new, skip_special_tokens=True))
+    assert text and "\n" not in text
