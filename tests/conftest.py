@@ -47,8 +47,13 @@ def tiny_clip_b(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory):
     """A random-weight Qwen2-architecture LM with a trained BPE tokenizer and chat template."""
-    return build_tiny_lm(tmp_path_factory.mktemp("models") / "tiny-lm", LM_TEXTS,
-                         preset="test", vocab_size=400, seed=0)
+    return build_tiny_lm(
+        tmp_path_factory.mktemp("models") / "tiny-lm",
+        LM_TEXTS,
+        preset="test",
+        vocab_size=400,
+        seed=0,
+    )
 
 
 def write_images(folder, n: int, seed: int = 0, size=(64, 48), prefix: str = "img"):
