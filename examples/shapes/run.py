@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ QUICK = {
     "eval_every": 2,
 }
 
+STAGE_DIRS = ("corpus", "pairs", "retriever", "index", "rewriter-base", "runs", "eval")
 SEARCH_QUERY = "一个小的红色圆形在左边，蓝色背景"
 
 
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = QUICK if a.quick else FULL
     work = a.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # A re-run rebuilds everything: the retriever is retrained into the same folder, so an
+    # index (keyed by that folder's path) or a run folder left from before would be stale.
+    for stage in STAGE_DIRS:
+        shutil.rmtree(work / stage, ignore_errors=True)
     timer = Timer()
     results: dict = {"settings": cfg, "seed": a.seed, "quick": a.quick}
 
