@@ -26,14 +26,6 @@ from grape_cli.search import reciprocal_rank_fusion
 from grape_cli.store import Store
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_rewrite.py: far faster on a busy 2-core machine
-    yield
-    torch.set_num_threads(before)
-
-
 def write(path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

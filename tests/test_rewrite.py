@@ -41,15 +41,6 @@ CLEAN = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two intra-op threads on a busy 2-core machine ran a tiny LM ~30x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def teach(base, out, examples: dict[str, str], prompt: PromptTemplate, steps: int = 60):
     """Fine-tune the tiny LM until it answers each query with its caption; save to `out`."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast

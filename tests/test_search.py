@@ -33,14 +33,6 @@ from grape_cli.search import (
 from grape_cli.store import Store, path_id
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_rewrite.py: far faster on a busy 2-core machine
-    yield
-    torch.set_num_threads(before)
-
-
 def random_images(folder: Path, n: int, seed: int) -> list[Path]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
