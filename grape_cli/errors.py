@@ -1,7 +1,7 @@
 """One family of typed errors. The CLI turns each into one line and an exit code.
 
 Library code raises these and never exits the process; `grape_cli.cli` is the only
-place that maps them to `sys.exit`.
+place that maps them to an exit code.
 """
 
 from __future__ import annotations
