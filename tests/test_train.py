@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from grape_cli.errors import InputError, ModelError, TrainingError, UsageError
 from grape_cli.index import index_folders
-from grape_cli.prompt import PromptTemplate, render_prompt
+from grape_cli.prompt import PromptTemplate
 from grape_cli.train import TrainConfig, TrainingInterrupted, split_pairs, train_rewriter
 
 CAPTIONS = [
@@ -41,34 +41,15 @@ def _images(folder, n: int) -> list:
     return paths
 
 
-def _teach_to_stop(src, dst):
+def _teach_to_stop(teach_lm, src, dst):
     """A few supervised steps so the random tiny LM writes short captions and then EOS,
     as any real rewriter does (a random one never ends and earns the reward's floor)."""
-    from grape_cli.models import load_causal_lm
-
-    torch.manual_seed(0)
-    model, tok = load_causal_lm(str(src), "cpu", torch.float32)
-    prompts = [render_prompt(tok, PROMPT, f"query {i}: {c}") for i, c in enumerate(CAPTIONS)]
-    texts = [p + c + tok.eos_token for p, c in zip(prompts, CAPTIONS, strict=True)]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    labels = enc["input_ids"].clone()
-    width = labels.shape[1]
-    for row, (p, n) in enumerate(zip(prompts, enc["attention_mask"].sum(1).tolist(), strict=True)):
-        prompt_len = len(tok(p, add_special_tokens=False)["input_ids"])
-        labels[row, : width - n + prompt_len] = -100  # learn the caption and EOS only
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(20):
-        model(**enc, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(dst)
-    tok.save_pretrained(dst)
-    return dst
+    examples = {f"query {i}: {c}": c for i, c in enumerate(CAPTIONS)}
+    return teach_lm(src, dst, examples, PROMPT, steps=20)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_clip, tiny_lm):
+def world(tmp_path_factory, tiny_clip, tiny_lm, teach_lm):
     """An index of 16 images, 16 pairs, a rewriter that stops, and a prompt file."""
     root = tmp_path_factory.mktemp("train-world")
     photos = _images(root / "photos", 16)
@@ -81,7 +62,7 @@ def world(tmp_path_factory, tiny_clip, tiny_lm):
         "root": root,
         "index": root / "index",
         "pairs": root / "pairs.jsonl",
-        "lm": _teach_to_stop(tiny_lm, root / "lm"),
+        "lm": _teach_to_stop(teach_lm, tiny_lm, root / "lm"),
         "prompt": root / "prompt.json",
         "photos": photos,
     }
