@@ -1,9 +1,9 @@
 """`grape eval`: does a rewriter help on your own photos? Recall@k side by side.
 
 Every metric comes from the exact rank of the target among all indexed images (not from
-a truncated top-k list), so Recall@k, MRR and the median rank agree with each other and
-with a brute-force reference. With several correct images for a query, the best-ranked
-one counts. The plain query (`none`) is always evaluated first, as the baseline that the
+a truncated top-k list), computed by `grape_cli.ranking` like every rank grape reports
+(ties count against the target; with several correct images the best-ranked one
+counts). The plain query (`none`) is always evaluated first, as the baseline that the
 other rewriters are compared with.
 """
 
@@ -14,12 +14,13 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from grape_cli.errors import InputError
-from grape_cli.pairs import Pair, describe_missing, load_pairs, match_targets
+from grape_cli.pairs import Pair, describe_missing, match_targets, read_pairs
+from grape_cli.query import Query
+from grape_cli.ranking import fused_target_ranks, retrieval_metrics, target_ranks
 from grape_cli.store import Store, default_index_dir
 
 if TYPE_CHECKING:
@@ -30,80 +31,7 @@ if TYPE_CHECKING:
     from grape_cli.prompt import PromptTemplate
     from grape_cli.rewrite import Rewriter
 
-KS = (1, 5, 10)
 BASELINE = "none"
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def target_ranks(
-    query_vecs: np.ndarray,
-    corpus: np.ndarray,
-    targets: Sequence[Sequence[int]],
-    *,
-    block: int | None = None,
-) -> np.ndarray:
-    """1-based rank of each query's best-ranked target among all `corpus` rows.
-
-    A tie counts in the target's favour: rank = 1 + number of strictly higher scores.
-    Queries are scored `block` at a time (default: score blocks of at most 256 MB).
-    """
-    import numpy as np
-
-    if len(query_vecs) != len(targets):
-        raise ValueError(f"{len(query_vecs)} query vectors but {len(targets)} target lists")
-    ranks = np.zeros(len(query_vecs), dtype=np.int64)
-    chunk = block or max(1, (1 << 26) // max(1, len(corpus)))
-    for start in range(0, len(query_vecs), chunk):
-        scores = query_vecs[start : start + chunk] @ corpus.T
-        for i, rows in enumerate(targets[start : start + chunk]):
-            best = scores[i, list(rows)].max()
-            ranks[start + i] = int((scores[i] > best).sum()) + 1
-    return ranks
-
-
-def fused_target_ranks(
-    query_vecs: Sequence[np.ndarray],
-    corpus: np.ndarray,
-    targets: Sequence[Sequence[int]],
-    k: int = 60,
-) -> np.ndarray:
-    """Like `target_ranks` for several vectors per query, fused by reciprocal rank fusion.
-
-    Full rankings are fused (search fuses each ranking's top 100), so every target has a
-    defined rank wherever it sits.
-    """
-    import numpy as np
-
-    ranks = np.zeros(len(query_vecs), dtype=np.int64)
-    positions = np.arange(1, len(corpus) + 1, dtype=np.float64)
-    for i, (vecs, rows) in enumerate(zip(query_vecs, targets, strict=True)):
-        fused = np.zeros(len(corpus))
-        for scores in np.atleast_2d(vecs) @ corpus.T:
-            rank_of = np.empty(len(corpus))
-            rank_of[np.argsort(-scores, kind="stable")] = positions
-            fused += 1.0 / (k + rank_of)
-        ranks[i] = int((fused > fused[list(rows)].max()).sum()) + 1
-    return ranks
-
-
-def retrieval_metrics(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict:
-    """Recall@k for each k, MRR, median rank and the number of queries.
-
-    >>> retrieval_metrics([1, 2, 4, 8], ks=(1, 5))
-    {'recall@1': 0.25, 'recall@5': 0.75, 'mrr': 0.46875, 'median_rank': 3.0, 'n': 4}
-    """
-    import numpy as np
-
-    ranks = np.asarray(ranks)
-    if ranks.size == 0:
-        return {**{f"recall@{k}": None for k in ks}, "mrr": None, "median_rank": None, "n": 0}
-    out = {f"recall@{k}": float((ranks <= k).mean()) for k in ks}
-    out["mrr"] = float((1.0 / ranks).mean())
-    out["median_rank"] = float(np.median(ranks))
-    out["n"] = int(ranks.size)
-    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -126,6 +54,7 @@ class EvalReport:
     n_pairs: int
     n_evaluated: int
     missing: list[str] = field(default_factory=list)  # target paths not in the index
+    duplicate_lines: list[int] = field(default_factory=list)  # repeats, counted once
     skipped_lines: list[int] = field(default_factory=list)  # pairs with no indexed target
     rows: list[EvalRow] = field(default_factory=list)
     per_query: str | None = None
@@ -158,7 +87,7 @@ class EvalReport:
 def evaluate_rewriter(
     rewriter: Rewriter,
     clip: ClipModel,
-    queries: list[str],
+    queries: list[Query],
     corpus: np.ndarray,
     targets: Sequence[Sequence[int]],
     *,
@@ -185,13 +114,12 @@ def evaluate_rewriter(
             progress.advance(len(batch))
     seconds = time.perf_counter() - start
 
-    flat = [t for group in texts for t in group]
-    vectors = clip.encode_texts(flat).numpy()
-    if all(len(g) == 1 for g in texts):
-        ranks = target_ranks(vectors, corpus, targets)
+    from grape_cli.query import embed_rewrites
+
+    groups = embed_rewrites(clip, queries, texts)
+    if all(len(g) == 1 for g in groups):
+        ranks = target_ranks(np.concatenate(groups), corpus, targets)
     else:
-        bounds = np.cumsum([0, *(len(g) for g in texts)])
-        groups = [vectors[a:b] for a, b in pairwise(bounds)]
         ranks = fused_target_ranks(groups, corpus, targets)
     row = EvalRow(
         rewriter=rewriter.name,
@@ -221,32 +149,10 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate `rewriters` (the baseline `none` is added first) on a pairs file."""
     started = time.perf_counter()
-    pairs = load_pairs(pairs_path)  # bad input fails before any model is loaded
+    pairs_file = read_pairs(pairs_path)  # bad input fails before any model is loaded
     specs = list(dict.fromkeys([BASELINE, *(r or BASELINE for r in rewriters)]))
     store = Store.open(index_dir or default_index_dir())
-    meta, corpus = store.load_matrix(("path",))
-    if len(corpus) == 0:
-        raise InputError(
-            f"index {store.root} has no images yet", "add some with `grape index PHOTOS_DIR`"
-        )
-    matched, missing = match_targets(pairs, meta["path"], strict=strict)
-    if not matched:
-        raise InputError(
-            f"none of the {len(pairs)} pairs has a target in index {store.root} "
-            f"(missing: {describe_missing(missing)})",
-            "index the photos first, or check that the paths in the pairs file are right "
-            "(relative paths are relative to the pairs file)",
-        )
-    matched_lines = {p.line for p, _ in matched}
-    report = EvalReport(
-        pairs=str(Path(pairs_path).expanduser().resolve()),
-        index=str(store.root),
-        model=store.model,
-        n_pairs=len(pairs),
-        n_evaluated=len(matched),
-        missing=missing,
-        skipped_lines=[p.line for p in pairs if p.line not in matched_lines],
-    )
+    report, matched, corpus = _prepare(pairs_path, pairs_file, store, strict)
 
     from grape_cli.models import load_clip, pick_device
     from grape_cli.rewrite import load_rewriter
@@ -272,16 +178,9 @@ def evaluate(
 
                 torch.manual_seed(seed)  # sampled rewrites repeat from run to run
             row, texts, ranks = evaluate_rewriter(
-                rewriter,
-                clip,
-                queries,
-                corpus,
-                targets,
-                rewrites=rewrites,
-                temperature=temperature,
-                batch_size=batch_size,
-                progress=progress,
-            )
+                rewriter, clip, queries, corpus, targets, rewrites=rewrites,
+                temperature=temperature, batch_size=batch_size, progress=progress,
+            )  # fmt: skip
             report.rows.append(row)
             outputs[spec] = (texts, ranks)
             del rewriter
@@ -289,9 +188,39 @@ def evaluate(
 
     if per_query_path is not None:
         report.per_query = str(Path(per_query_path).expanduser().resolve())
-        write_per_query(report.per_query, pairs, matched, specs, outputs)
+        write_per_query(report.per_query, pairs_file.pairs, matched, specs, outputs)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _prepare(pairs_path, pairs_file, store: Store, strict: bool):
+    """(the report's header, the pairs matched to index rows, the corpus matrix)."""
+    pairs = pairs_file.pairs
+    meta, corpus = store.load_matrix(("path",))
+    if len(corpus) == 0:
+        raise InputError(
+            f"index {store.root} has no images yet", "add some with `grape index PHOTOS_DIR`"
+        )
+    matched, missing = match_targets(pairs, meta["path"], strict=strict)
+    if not matched:
+        raise InputError(
+            f"none of the {len(pairs)} pairs has a target in index {store.root} "
+            f"(missing: {describe_missing(missing)})",
+            "index the photos first, or check that the paths in the pairs file are right "
+            "(relative paths are relative to the pairs file)",
+        )
+    matched_lines = {p.line for p, _ in matched}
+    report = EvalReport(
+        pairs=str(Path(pairs_path).expanduser().resolve()),
+        index=str(store.root),
+        model=store.model,
+        n_pairs=len(pairs),
+        n_evaluated=len(matched),
+        missing=missing,
+        duplicate_lines=sorted(pairs_file.duplicates),
+        skipped_lines=[p.line for p in pairs if p.line not in matched_lines],
+    )
+    return report, matched, corpus
 
 
 def write_per_query(
@@ -306,7 +235,7 @@ def write_per_query(
     position = {p.line: i for i, (p, _) in enumerate(matched)}
     with open(path, "w", encoding="utf-8") as f:
         for pair in pairs:
-            rec: dict = {"line": pair.line, "query": pair.query, "targets": list(pair.targets)}
+            rec: dict = {"line": pair.line, **pair.query.to_dict(), "targets": list(pair.targets)}
             i = position.get(pair.line)
             if i is None:
                 rec["skipped"] = "no target in the index"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `grape --help` must not import tor
     import torch
 
 DEFAULT_CLIP = "ViT-B-32:laion2b_s34b_b79k"
+DEFAULT_LM = "Qwen/Qwen2.5-0.5B-Instruct"  # the default rewriter and base model
 CLIP_CONFIG_NAME = "open_clip_config.json"
 CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
 # Files a transformers rewriter needs. Safetensors only: pickled weights can run code.
@@ -92,6 +93,32 @@ def require_hub(what: str, hint: str) -> None:
         )
 
 
+def is_local_ref(ref: str) -> bool:
+    """Whether a model reference names a local folder rather than a Hub id ('org/name',
+    optionally '@revision'). The one place grape decides this.
+
+    >>> is_local_ref("Qwen/Qwen2.5-0.5B-Instruct@main"), is_local_ref("./runs/a")
+    (False, True)
+    >>> is_local_ref("/home/ann/models/lm"), is_local_ref("local-dir:/data/clip")
+    (True, True)
+    """
+    ref = str(ref)
+    if ref.startswith(("/", "~", ".", "local-dir:")) or "\\" in ref or ref[1:3] == ":\\":
+        return True
+    name = ref.partition("@")[0]
+    return name.count("/") > 1 or Path(ref).expanduser().is_dir()
+
+
+def local_name(ref: str) -> str:
+    """The bare folder name of a local reference (what may be shown or published).
+
+    >>> local_name("/home/ann/models/tiny-lm/"), local_name("local-dir:/data/clip")
+    ('tiny-lm', 'clip')
+    """
+    parts = [p for p in str(ref).removeprefix("local-dir:").replace("\\", "/").split("/") if p]
+    return parts[-1] if parts else "model"
+
+
 def split_revision(repo: str) -> tuple[str, str | None]:
     """'user/repo@rev' -> ('user/repo', 'rev').
 
@@ -150,7 +177,6 @@ class ClipModel:
     dim: int
     image_size: int
     context_length: int
-    info: dict = field(default_factory=dict)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         import torch
@@ -345,7 +371,7 @@ def resolve_lm_folder(spec: str) -> Path:
     if path.is_dir():
         return path.resolve()
     repo_id, revision = split_revision(spec)  # before counting: 'org/name@refs/pr/1'
-    if spec.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+    if is_local_ref(spec) or repo_id.count("/") != 1:
         raise ModelError(
             f"rewriter {spec!r} is neither a folder nor a Hub id (org/name)",
             "pass an existing folder or a Hub repo id",

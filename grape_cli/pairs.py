@@ -4,23 +4,30 @@ Two formats, chosen by the file's suffix (or, without one, by its first characte
 
 * JSON Lines, one object a line: `{"query": "...", "target": "path"}` or
   `{"query": "...", "targets": ["a.jpg", "b.jpg"]}` when several images are correct.
+  A composed query adds `"image": "ref.jpg"`, the reference image (it need not be in
+  the index).
 * CSV or TSV with a header that has `query` and `target` columns (`targets`, with paths
-  separated by `|`, for several correct images).
+  separated by `|`, for several correct images), and optionally `image`.
 
-Relative target paths are relative to the pairs file, so a folder of photos and its
-pairs file can move together. Nothing is dropped silently: a malformed line fails with
-its line number, and targets missing from the index are returned for the caller to list.
+Relative paths are relative to the pairs file, so a folder of photos and its pairs file
+can move together. Nothing is dropped silently: a malformed line fails with its line
+number, a pair repeated on several lines is counted once and its repeats are reported,
+and targets missing from the index are returned for the caller to list.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from grape_cli.errors import InputError
+from grape_cli.query import Query
+
+logger = logging.getLogger("grape")
 
 FORMAT_HINT = (
     'one JSON object a line: {"query": "...", "target": "photo.jpg"} '
@@ -30,20 +37,32 @@ FORMAT_HINT = (
 
 @dataclass(frozen=True)
 class Pair:
-    query: str
+    query: Query
     targets: tuple[str, ...]  # absolute paths (resolved relative to the pairs file)
     line: int  # 1-based line number in the file
 
+    @property
+    def key(self) -> tuple:
+        """What makes two lines the same pair: query text, reference image, targets."""
+        return (self.query.text, self.query.image, tuple(sorted(self.targets)))
+
+
+@dataclass
+class PairsFile:
+    pairs: list[Pair]  # each distinct pair once, in file order
+    duplicates: dict[int, int] = field(default_factory=dict)  # repeat line -> first line
+
 
 def load_pairs(path: str | Path) -> list[Pair]:
-    """Read a JSONL or CSV/TSV pairs file; see the module docstring for the formats."""
+    """The distinct pairs of a JSONL or CSV/TSV pairs file (see the module docstring);
+    repeated pairs are counted once and reported through the `grape` logger."""
+    return read_pairs(path).pairs
+
+
+def read_pairs(path: str | Path) -> PairsFile:
+    """Like `load_pairs`, and says which lines repeated an earlier pair."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"pairs file {path} does not exist", FORMAT_HINT) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read pairs file {path}: {e}") from None
+    text = _read_text(path)
     if not text.strip():
         raise InputError(f"pairs file {path} is empty", FORMAT_HINT)
     base = path.resolve().parent
@@ -56,24 +75,80 @@ def load_pairs(path: str | Path) -> list[Pair]:
         pairs = _read_jsonl(text, path, base)
     if not pairs:
         raise InputError(f"pairs file {path} has no pairs", FORMAT_HINT)
-    return pairs
+    return _dedupe(pairs, path)
 
 
-def _make_pair(query, targets, base: Path, where: str, line: int) -> Pair:
-    if not isinstance(query, str) or not query.strip():
+def _read_text(path: Path) -> str:
+    """The file as text; a byte that is not UTF-8 is reported with its line number."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"pairs file {path} does not exist", FORMAT_HINT) from None
+    except IsADirectoryError:
+        raise InputError(f"pairs file {path} is a folder", "pass a .jsonl or .csv file") from None
+    except OSError as e:
+        raise InputError(f"cannot read pairs file {path}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})",
+            "save the pairs file as UTF-8",
+        ) from None
+
+
+def _dedupe(pairs: list[Pair], path: Path) -> PairsFile:
+    first: dict[tuple, int] = {}
+    out = PairsFile([])
+    for pair in pairs:
+        if pair.key in first:
+            out.duplicates[pair.line] = first[pair.key]
+        else:
+            first[pair.key] = pair.line
+            out.pairs.append(pair)
+    if out.duplicates:
+        lines = ", ".join(str(n) for n in list(out.duplicates)[:5])
+        more = f" and {len(out.duplicates) - 5} more" if len(out.duplicates) > 5 else ""
+        logger.warning(
+            "%s: %d line(s) repeat an earlier pair and are counted once (lines %s%s)",
+            path,
+            len(out.duplicates),
+            lines,
+            more,
+        )
+    return out
+
+
+def _kind(value) -> str:
+    return {bool: "true/false", int: "a number", float: "a number", list: "a list"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
+
+
+def _resolve(base: Path, p: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(p.strip())))
+
+
+def _make_pair(query, targets, base: Path, where: str, line: int, image=None, key="target") -> Pair:
+    if query is None or (isinstance(query, str) and not query.strip()):
         raise InputError(f"{where}: 'query' is missing or empty", FORMAT_HINT)
+    if not isinstance(query, str):
+        raise InputError(f"{where}: 'query' must be text, not {_kind(query)}", FORMAT_HINT)
     if isinstance(targets, str):
         targets = [targets]
-    if (
-        not isinstance(targets, list)
-        or not targets
-        or not all(isinstance(t, str) and t.strip() for t in targets)
-    ):
-        raise InputError(f"{where}: 'target' must be a path or a non-empty list of paths")
-    resolved = tuple(
-        os.path.normpath(os.path.join(base, os.path.expanduser(t.strip()))) for t in targets
-    )
-    return Pair(query=query.strip(), targets=resolved, line=line)
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t.strip() for t in targets):
+        raise InputError(f"{where}: '{key}' must be a path or a non-empty list of paths")
+    if not targets:
+        raise InputError(f"{where}: '{key}' is an empty list", "name at least one target image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise InputError(f"{where}: 'image' must be the path of a reference image")
+    ref = _resolve(base, image) if image else None
+    if ref is not None and not os.path.isfile(ref):
+        why = "no such file" if not os.path.exists(ref) else "not a regular file"
+        raise InputError(f"{where}: reference image {ref}: {why}", "check the 'image' path")
+    resolved = tuple(_resolve(base, t) for t in targets)
+    return Pair(query=Query(query, image=ref), targets=resolved, line=line)
 
 
 def _read_jsonl(text: str, path: Path, base: Path) -> list[Pair]:
@@ -90,8 +165,8 @@ def _read_jsonl(text: str, path: Path, base: Path) -> list[Pair]:
             raise InputError(f"{where}: expected a JSON object", FORMAT_HINT)
         if ("target" in obj) == ("targets" in obj):
             raise InputError(f"{where}: give exactly one of 'target' or 'targets'", FORMAT_HINT)
-        targets = obj["target"] if "target" in obj else obj["targets"]
-        pairs.append(_make_pair(obj.get("query"), targets, base, where, n))
+        key = "target" if "target" in obj else "targets"
+        pairs.append(_make_pair(obj.get("query"), obj[key], base, where, n, obj.get("image"), key))
     return pairs
 
 
@@ -108,6 +183,7 @@ def _read_table(text: str, path: Path, base: Path, delimiter: str | None) -> lis
             FORMAT_HINT,
         )
     qi, ti = header.index("query"), header.index(target_col)
+    ii = header.index("image") if "image" in header else None
     pairs = []
     start = reader.line_num + 1
     for row in reader:
@@ -121,7 +197,8 @@ def _read_table(text: str, path: Path, base: Path, delimiter: str | None) -> lis
                 "quote fields that contain the separator",
             )
         targets = row[ti].split("|") if target_col == "targets" else row[ti]
-        pairs.append(_make_pair(row[qi], targets, base, where, line))
+        image = row[ii].strip() or None if ii is not None else None
+        pairs.append(_make_pair(row[qi], targets, base, where, line, image, target_col))
     return pairs
 
 

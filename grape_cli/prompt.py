@@ -19,6 +19,8 @@ DEFAULT_SYSTEM = (
     "wanted image shows. No explanation, no quotes, one line."
 )
 DEFAULT_USER = "Query: {query}"
+# Longest rewrite in tokens: a caption fits, a runaway generation is cut.
+DEFAULT_MAX_NEW_TOKENS = 48
 
 
 @dataclass(frozen=True)

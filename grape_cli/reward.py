@@ -1,30 +1,25 @@
 """GRPO rewards: how well the frozen retriever ranks the target image under a rewrite.
 
-The core is `score_rewrites`: exact ranks of each query's best target among the whole
-corpus (or among K sampled negatives), one matmul per corpus chunk on whatever device
-the vectors live on. The rewards are small pure functions of its output:
+Ranks come from `grape_cli.ranking` (the one tie rule grape uses). Each reward is a small
+pure function of those `Scores`, registered once with its floor and a one-line
+description (shown by `grape train --help` and on the model card):
 
-- `rank_reward` (GRAPE's corpus-relative reward, the default): 1 - (r - 1) / (N - 1).
+- `rank` (GRAPE's corpus-relative reward, the default): 1 - (r - 1) / (N - 1).
   It depends only on the order of the scores, so a rewrite cannot earn it by inflating
   every similarity at once.
-- `rank_top_reward`: 1 / log2(r + 1), for users who only care about the first page.
-- `similarity_reward`: the cosine to the target, the naive reward (kept as an ablation;
+- `rank-top`: 1 / log2(r + 1), for users who only care about the first page.
+- `similarity`: the cosine to the target, the naive reward (kept as an ablation;
   `inflation` measures what it does to the rest of the corpus).
+
+Adding a reward is one function decorated with `@reward(...)`.
 
 `RetrievalReward` and `FormatReward` adapt them to TRL's reward signature
 `fn(prompts, completions, completion_ids, **columns) -> list[float]`.
-
-Conventions (the unit tests pin them down):
-- Several correct targets: the best-ranked one counts.
-- Ties count against the target: an image whose score is within `TIE_TOL` of the
-  target's is ranked above it. Otherwise a degenerate rewrite that scores everything
-  alike (a zero text embedding) would rank its target first.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import time
 from collections import Counter
@@ -32,123 +27,49 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from grape_cli.errors import UsageError
 from grape_cli.prompt import clean_rewrite
+from grape_cli.ranking import DEFAULT_CHUNK, Scores, score_targets
 
 if TYPE_CHECKING:
     import torch
 
-REWARDS = ("rank", "rank-top", "similarity")
 # Weight of the format term added to each reward. 0.5 keeps a clean rewrite ahead of a
 # broken one that ranks its target up to half the corpus higher (rank reward scale).
 FORMAT_WEIGHT = 0.5
-# float32 dot products of unit vectors differ by ~1e-7 between matmul shapes; scores
-# this close are treated as ties (which count against the target).
-TIE_TOL = 1e-6
-DEFAULT_CHUNK = 65_536
-# Floor of each reward: what an empty rewrite or one that never ended scores.
-REWARD_FLOOR = {"rank": 0.0, "rank-top": 0.0, "similarity": -1.0}
+DEFAULT_REWARD = "rank"
 
 
-@dataclass
-class Scores:
-    """Where each query's best target landed. All tensors have one entry per query."""
+@dataclass(frozen=True)
+class RewardSpec:
+    """A registered reward: `fn(scores) -> (B,) tensor`, the value an empty or unfinished
+    rewrite gets (`floor`), and one line saying what it pays for."""
 
-    ranks: torch.Tensor  # 1-based rank of the best target among the candidates (int64)
-    target_sim: torch.Tensor  # cosine between the query and its best target
-    top_sim: torch.Tensor  # mean cosine of the top-k non-target candidates (nan if none)
-    n: int  # candidates per query: the corpus size, or K + 1 with sampled negatives
-
-
-def _target_matrix(targets: Sequence[Sequence[int]], n: int, device) -> torch.Tensor:
-    """Ragged target lists as a (B, T) long tensor padded with -1; checks the range."""
-    import torch
-
-    if any(len(t) == 0 or min(t) < 0 for t in targets):
-        raise ValueError("every query needs at least one target, given as corpus rows >= 0")
-    width = max(len(t) for t in targets)
-    out = torch.full((len(targets), width), -1, dtype=torch.long)
-    for i, t in enumerate(targets):
-        out[i, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
-    if int(out.max()) >= n:
-        raise ValueError(f"target row {int(out.max())} is outside a corpus of {n} images")
-    return out.to(device)
+    name: str
+    fn: Callable[[Scores], torch.Tensor]
+    floor: float
+    description: str
 
 
-def score_rewrites(
-    queries: torch.Tensor,
-    corpus: torch.Tensor,
-    targets: Sequence[Sequence[int]],
-    *,
-    chunk_size: int = DEFAULT_CHUNK,
-    negatives: int | None = None,
-    top_k: int = 10,
-    generator: torch.Generator | None = None,
-    tie_tol: float = TIE_TOL,
-) -> Scores:
-    """Exact rank of each query's best target among all rows of `corpus`.
-
-    `queries` (B, d) and `corpus` (N, d) are L2-normalised; `targets[i]` lists the
-    corpus rows that are correct for query i. With `negatives=K` each query is ranked
-    among K rows drawn uniformly (with replacement, shared by the batch) plus its
-    target: an approximation for very large corpora.
-
-    >>> import torch
-    >>> corpus = torch.eye(4)
-    >>> q = torch.nn.functional.normalize(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), dim=1)
-    >>> score_rewrites(q, corpus, [[2]]).ranks.tolist()
-    [3]
-    >>> score_rewrites(q, corpus, [[2, 1]]).ranks.tolist()  # several targets: the best
-    [2]
-    """
-    import torch
-
-    queries = queries.to(corpus.device, corpus.dtype)
-    n_rows, batch = corpus.shape[0], queries.shape[0]
-    tmat = _target_matrix(targets, n_rows, corpus.device)
-    valid = tmat >= 0
-    tvec = corpus[tmat.clamp(min=0)]  # (B, T, d)
-    tsims = torch.einsum("bd,btd->bt", queries, tvec).masked_fill(~valid, -math.inf)
-    target_sim = tsims.max(dim=1).values
-    threshold = (target_sim - tie_tol).unsqueeze(1)
-
-    if negatives:
-        idx = torch.randint(n_rows, (negatives,), generator=generator).to(corpus.device)
-        sims = queries @ corpus[idx].T
-        hit = (idx.view(1, 1, -1) == tmat.unsqueeze(2)).any(dim=1)  # drew a target
-        sims = sims.masked_fill(hit, -math.inf)
-        chunks, n = [sims], negatives + 1
-    else:
-        rows, cols = valid.nonzero(as_tuple=True)
-        cols = tmat[rows, cols]
-        chunks = _masked_chunks(queries, corpus, rows, cols, chunk_size)
-        n = n_rows
-
-    above = torch.zeros(batch, dtype=torch.long, device=corpus.device)
-    tops = []
-    for sims in chunks:
-        above += (sims >= threshold).sum(dim=1)
-        if top_k:
-            tops.append(sims.topk(min(top_k, sims.shape[1]), dim=1).values)
-    if tops:
-        best = torch.cat(tops, dim=1)
-        best = best.topk(min(top_k, best.shape[1]), dim=1).values
-        top_sim = torch.where(torch.isfinite(best), best, torch.nan).nanmean(dim=1)
-    else:
-        top_sim = torch.full((batch,), torch.nan, device=corpus.device)
-    return Scores(ranks=above + 1, target_sim=target_sim, top_sim=top_sim, n=n)
+REWARDS: dict[str, RewardSpec] = {}
 
 
-def _masked_chunks(queries, corpus, rows, cols, chunk_size: int):
-    """Score matrices of consecutive corpus chunks with every target entry set to -inf."""
-    import torch
+def reward(name: str, *, floor: float, description: str):
+    """Register the decorated `fn(scores) -> tensor` as reward `name`."""
 
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be at least 1")
-    for start in range(0, corpus.shape[0], chunk_size):
-        sims = queries @ corpus[start : start + chunk_size].T
-        inside = (cols >= start) & (cols < start + sims.shape[1])
-        sims[rows[inside], cols[inside] - start] = -torch.inf
-        yield sims
+    def register(fn):
+        REWARDS[name] = RewardSpec(name, fn, floor, description)
+        return fn
+
+    return register
+
+
+def get_reward(name: str) -> RewardSpec:
+    """The registered reward `name`; a UsageError that lists the others if unknown."""
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise UsageError(f"unknown reward {name!r}", f"use one of {', '.join(REWARDS)}") from None
 
 
 def rank_reward(ranks: torch.Tensor, n: int) -> torch.Tensor:
@@ -185,15 +106,29 @@ def similarity_reward(target_sim: torch.Tensor) -> torch.Tensor:
     return target_sim.float()
 
 
+reward(
+    "rank",
+    floor=0.0,
+    description="GRAPE's corpus-relative rank reward 1 - (r-1)/(N-1), r the target's rank "
+    "among all N images; it pays for the ranking only, so inflating every score earns nothing",
+)(lambda s: rank_reward(s.ranks, s.n))
+reward(
+    "rank-top",
+    floor=0.0,
+    description="top-weighted rank reward 1/log2(r+1), r the target's rank among all images; "
+    "it pays most for the first page",
+)(lambda s: rank_top_reward(s.ranks))
+reward(
+    "similarity",
+    floor=-1.0,
+    description="the naive reward, cosine between rewrite and target; prone to score "
+    "inflation (kept as the ablation GRAPE argues against)",
+)(lambda s: similarity_reward(s.target_sim))
+
+
 def reward_from_scores(kind: str, scores: Scores) -> torch.Tensor:
-    """The reward named `kind` (one of REWARDS) for each query."""
-    if kind == "rank":
-        return rank_reward(scores.ranks, scores.n)
-    if kind == "rank-top":
-        return rank_top_reward(scores.ranks)
-    if kind == "similarity":
-        return similarity_reward(scores.target_sim)
-    raise ValueError(f"unknown reward {kind!r}; use one of {', '.join(REWARDS)}")
+    """The reward named `kind` for each query."""
+    return get_reward(kind).fn(scores)
 
 
 def inflation(scores: Scores, queries: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -313,8 +248,7 @@ class RetrievalReward:
     ):
         import torch
 
-        if kind not in REWARDS:
-            raise ValueError(f"unknown reward {kind!r}; use one of {', '.join(REWARDS)}")
+        self.spec = get_reward(kind)
         self.__name__ = kind  # TRL names the logged reward column after this
         self.kind, self.encode, self.corpus = kind, encode, corpus
         self.eos_ids = frozenset(int(i) for i in eos_ids)
@@ -332,7 +266,17 @@ class RetrievalReward:
         where = {t: i for i, t in enumerate(unique)}
         return vecs[[where[t] for t in texts]]
 
-    def __call__(self, prompts, completions, completion_ids, targets, log_metric=None, **_):
+    def __call__(
+        self,
+        prompts,
+        completions,
+        completion_ids,
+        targets,
+        log_metric=None,
+        image_vec=None,
+        image_weight=None,
+        **_,
+    ):
         import torch
 
         started = time.perf_counter()
@@ -345,7 +289,9 @@ class RetrievalReward:
             device=self.corpus.device,
         )
         queries = self.embed(texts)
-        scores = score_rewrites(
+        if image_vec is not None:  # composed queries: the reference image joins the rewrite
+            queries = self._blend(queries, image_vec, image_weight)
+        scores = score_targets(
             queries,
             self.corpus,
             targets,
@@ -353,8 +299,8 @@ class RetrievalReward:
             negatives=self.negatives,
             generator=self.generator,
         )
-        reward = reward_from_scores(self.kind, scores)
-        reward = torch.where(ok, reward, torch.full_like(reward, REWARD_FLOOR[self.kind]))
+        values = self.spec.fn(scores)
+        values = torch.where(ok, values, torch.full_like(values, self.spec.floor))
         if log_metric is not None:
             ranks = scores.ranks.float()
             log_metric("grape/rank_mean", float(ranks.mean()))
@@ -364,7 +310,17 @@ class RetrievalReward:
                 log_metric(f"grape/{key}", value)
         self.calls += 1
         self.seconds += time.perf_counter() - started
-        return reward.tolist()
+        return values.tolist()
+
+    def _blend(self, queries, image_vecs, weights):
+        import torch
+
+        out = queries.clone()
+        for i, (vec, w) in enumerate(zip(image_vecs, weights, strict=True)):
+            if vec:
+                img = torch.as_tensor(vec, dtype=queries.dtype, device=queries.device)
+                out[i] = torch.nn.functional.normalize(queries[i] + w * img, dim=0)
+        return out
 
 
 class FormatReward:

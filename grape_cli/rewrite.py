@@ -1,38 +1,39 @@
 """Query rewriters: one interface for search, eval and training.
 
-A rewriter maps each query to one or more queries phrased for the CLIP retriever.
-`load_rewriter` understands three kinds of spec:
+A rewriter maps each query to one or more texts phrased for the CLIP retriever.
+`load_rewriter` picks the kind of rewriter a spec names from `REWRITER_KINDS`, a
+registry tried in order (adding a kind is one entry):
 
 * `none` (or nothing): the query as it is.
-* a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`, alias `zero-shot`) or a local folder of a causal
-  LM, used zero-shot with `grape_cli.prompt`'s default prompt (or `--prompt-file`).
-* a folder written by `grape train` (it has a `grape.json`): the tuned weights, or a LoRA
-  adapter on its base model, with the prompt it was trained on and the retriever it was
-  tuned for.
+* `tuned`: a folder written by `grape train` (it has a `grape.json`), or a Hub repo
+  pushed from one: the tuned weights, or a LoRA adapter on its base model, with the
+  prompt it was trained on and the retriever it was tuned for.
+* `causal-lm`: a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`, alias `zero-shot`) or a local
+  folder of a causal LM, used zero-shot with `grape_cli.prompt`'s default prompt (or
+  `--prompt-file`).
 
-Every model comes through `grape_cli.models.load_causal_lm`: safetensors only, and
-`trust_remote_code` off unless the user asks. Decoding is greedy unless several rewrites
-or a temperature are asked for; each output is cleaned to one line.
+Every model comes through `grape_cli.models`: safetensors only, and `trust_remote_code`
+off unless the user asks. Decoding is greedy unless several rewrites or a temperature
+are asked for; each output is cleaned to one line. A text rewriter rewrites a query's
+text; a reference image is added to the rewrite's embedding by `grape_cli.query`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from grape_cli.errors import ModelError, UsageError
-from grape_cli.prompt import PromptTemplate, clean_rewrite, render_prompt
+from grape_cli.models import DEFAULT_LM
+from grape_cli.prompt import DEFAULT_MAX_NEW_TOKENS, PromptTemplate, clean_rewrite, render_prompt
+from grape_cli.query import Query, as_query
 
 logger = logging.getLogger("grape")
 
-DEFAULT_LM = "Qwen/Qwen2.5-0.5B-Instruct"
 ALIASES = {"zero-shot": DEFAULT_LM}
-TUNED_CONFIG = "grape.json"
-TUNED_FORMAT = "grape-rewriter"
-TUNED_FORMAT_VERSION = 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -40,7 +41,7 @@ class Rewriter(Protocol):
     name: str
 
     def rewrite(
-        self, queries: list[str], n: int = 1, temperature: float | None = None
+        self, queries: Sequence[Query | str], n: int = 1, temperature: float | None = None
     ) -> list[list[str]]:
         """n rewrites per query; n > 1 samples; greedy when n == 1 and temperature is None."""
         ...
@@ -52,9 +53,9 @@ class IdentityRewriter:
     name = "none"
 
     def rewrite(
-        self, queries: list[str], n: int = 1, temperature: float | None = None
+        self, queries: Sequence[Query | str], n: int = 1, temperature: float | None = None
     ) -> list[list[str]]:
-        return [[q] for q in queries]
+        return [[as_query(q).text] for q in queries]
 
 
 @dataclass
@@ -65,15 +66,16 @@ class LMRewriter:
     model: Any
     tokenizer: Any
     prompt: PromptTemplate
-    max_new_tokens: int = 48
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int = 16
     base_model: str | None = None
     retriever: str | None = None  # the CLIP spec a tuned rewriter was trained against
     fallbacks: int = 0  # empty generations replaced by the query itself, so far
 
     def rewrite(
-        self, queries: list[str], n: int = 1, temperature: float | None = None
+        self, queries: Sequence[Query | str], n: int = 1, temperature: float | None = None
     ) -> list[list[str]]:
+        queries = [as_query(q).text for q in queries]
         prompts = [render_prompt(self.tokenizer, self.prompt, q) for q in queries]
         out: list[list[str]] = []
         for i in range(0, len(prompts), self.batch_size):
@@ -107,7 +109,7 @@ def generate_rewrites(
     prompts: list[str],
     n: int = 1,
     temperature: float | None = None,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> list[list[str]]:
     """n cleaned one-line completions per rendered prompt, generated as one batch."""
     import torch
@@ -168,6 +170,25 @@ def _generation_config(model, tokenizer, n: int, sample: bool, temperature, max_
 # --------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class RewriterKind:
+    """A kind of rewriter: `matches(folder)` says whether a resolved model folder is one,
+    `load(folder, spec, options)` loads it."""
+
+    name: str
+    matches: Callable[[Path], bool]
+    load: Callable[..., Rewriter]
+    description: str
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str | None = None
+    prompt: PromptTemplate | None = None
+    trust_remote_code: bool = False
+    retriever: str | None = None  # the index's model, to warn about a mismatch
+
+
 def load_rewriter(
     spec: str | None,
     *,
@@ -177,115 +198,109 @@ def load_rewriter(
     retriever: str | None = None,
 ) -> Rewriter:
     """The rewriter a spec names; see the module docstring. `retriever` is the index's model."""
-    if spec is None or spec.strip().lower() in ("", "none"):
+    if is_none(spec):
         return IdentityRewriter()
     from grape_cli.models import resolve_lm_folder
 
     spec = ALIASES.get(spec, spec)
     folder = resolve_lm_folder(spec)  # a Hub id through the cache, so its grape.json counts
-    if (folder / TUNED_CONFIG).is_file():
-        return _load_tuned(
-            folder,
-            spec,
-            device=device,
-            prompt=prompt,
-            trust_remote_code=trust_remote_code,
-            retriever=retriever,
-        )
-    model, tokenizer = _load_lm(str(folder), device, trust_remote_code)
+    options = LoadOptions(device, prompt, trust_remote_code, retriever)
+    kind = next(k for k in REWRITER_KINDS if k.matches(folder))
+    return kind.load(folder, spec, options)
+
+
+def is_none(spec: str | None) -> bool:
+    return spec is None or spec.strip().lower() in ("", "none")
+
+
+def _load_causal_lm(folder: Path, spec: str, options: LoadOptions) -> LMRewriter:
+    model, tokenizer = _load_lm(str(folder), options.device, options.trust_remote_code)
     return LMRewriter(
-        name=spec, model=model, tokenizer=tokenizer, prompt=prompt or PromptTemplate()
+        name=spec, model=model, tokenizer=tokenizer, prompt=options.prompt or PromptTemplate()
     )
 
 
-def read_tuned_config(folder: str | Path) -> dict:
-    """The `grape.json` of a tuned rewriter folder, checked."""
-    path = Path(folder) / TUNED_CONFIG
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {path}: {e}", "re-run `grape train`") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != TUNED_FORMAT:
-        raise ModelError(
-            f"{path} is not a grape rewriter config (format {cfg.get('format')!r})"
-            if isinstance(cfg, dict)
-            else f"{path} is not a grape rewriter config",
-            "pass a folder written by `grape train`",
-        )
-    version = cfg.get("format_version", 1)
-    if not isinstance(version, int) or version > TUNED_FORMAT_VERSION:
-        raise ModelError(
-            f"{path} has format version {version}; this grape reads up to {TUNED_FORMAT_VERSION}",
-            "upgrade grape (pip install -U grape-cli)",
-        )
-    return cfg
+def _load_tuned(folder: Path, spec: str, options: LoadOptions) -> LMRewriter:
+    from grape_cli.runfolder import RunInfo
 
-
-def _load_tuned(folder: Path, spec: str, *, device, prompt, trust_remote_code, retriever):
-    from grape_cli.models import canonical_clip_spec
-
-    cfg = read_tuned_config(folder)
-    tuned_for = cfg.get("retriever")
-    if retriever and tuned_for:
-        try:
-            differs = canonical_clip_spec(tuned_for) != canonical_clip_spec(retriever)
-        except Exception:  # an odd spec: compare the text rather than fail the search
-            differs = tuned_for != retriever
-        if differs:
-            logger.warning(
-                "rewriter %s was tuned for retriever %s, but the index uses %s; "
-                "its rewrites may suit this index less well",
-                spec,
-                tuned_for,
-                retriever,
-            )
-    own_prompt = PromptTemplate.from_dict(cfg.get("prompt"))
-    if prompt is not None and prompt != own_prompt:
+    info = RunInfo.read(folder)
+    _warn_if_other_retriever(spec, info.retriever_spec, options.retriever)
+    if options.prompt is not None and options.prompt != info.prompt:
         logger.warning(
             "rewriter %s was trained on its own prompt; the prompt file is ignored", spec
         )
-
-    base = cfg.get("base_model")
-    if cfg.get("adapter") or (folder / "adapter_config.json").is_file():
-        if not base:
-            raise ModelError(
-                f"{folder / TUNED_CONFIG} names no base_model for its adapter",
-                "add the base model's Hub id or folder as base_model",
-            )
-        if not (folder / ADAPTER_WEIGHTS).is_file():
-            raise ModelError(
-                f"{folder} has no {ADAPTER_WEIGHTS}",
-                "grape loads safetensors only; save the adapter with save_pretrained",
-            )
-        if (folder / base).is_dir():  # a base saved next to the run
-            base = str(folder / base)
-        model, tokenizer = _load_lm(base, device, trust_remote_code)
-        from peft import PeftModel
-
-        try:
-            # Merged once here, so each generation costs what the base model's does.
-            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-        except Exception as e:
-            raise ModelError(
-                f"could not apply the adapter in {folder} to {base}: {type(e).__name__}: "
-                f"{e}".splitlines()[0],
-                "check that base_model in grape.json is the model it was trained on",
-            ) from e
-        model.eval()
-        if (folder / "tokenizer_config.json").is_file():
-            tokenizer = _load_tokenizer(folder, trust_remote_code)
+    if info.adapter or (folder / "adapter_config.json").is_file():
+        model, tokenizer, base = _load_adapter(folder, info, options)
     else:
-        model, tokenizer = _load_lm(str(folder), device, trust_remote_code)
-    max_new = int((cfg.get("generation") or {}).get("max_new_tokens", 48))
+        model, tokenizer = _load_lm(str(folder), options.device, options.trust_remote_code)
+        base = info.base_model
     return LMRewriter(
         name=spec,
         model=model,
         tokenizer=tokenizer,
-        prompt=own_prompt,
-        max_new_tokens=max_new,
+        prompt=info.prompt,
+        max_new_tokens=info.max_new_tokens,
         base_model=base,
-        retriever=tuned_for,
+        retriever=info.retriever_spec,
     )
+
+
+def _warn_if_other_retriever(spec: str, tuned_for: str, retriever: str | None) -> None:
+    from grape_cli.models import canonical_clip_spec
+
+    if not (retriever and tuned_for):
+        return
+    try:
+        differs = canonical_clip_spec(tuned_for) != canonical_clip_spec(retriever)
+    except Exception:  # an odd spec: compare the text rather than fail the search
+        differs = tuned_for != retriever
+    if differs:
+        logger.warning(
+            "rewriter %s was tuned for retriever %s, but the index uses %s; "
+            "its rewrites may suit this index less well",
+            spec,
+            tuned_for,
+            retriever,
+        )
+
+
+def _load_adapter(folder: Path, info, options: LoadOptions):
+    """(merged model, tokenizer, base reference) of a LoRA run folder."""
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ModelError(
+            f"{folder} has no {ADAPTER_WEIGHTS}",
+            "grape loads safetensors only; save the adapter with save_pretrained",
+        )
+    base = info.base_model_ref(folder)
+    model, tokenizer = _load_lm(base, options.device, options.trust_remote_code)
+    from peft import PeftModel
+
+    try:
+        # Merged once here, so each generation costs what the base model's does.
+        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except Exception as e:
+        raise ModelError(
+            f"could not apply the adapter in {folder} to {base}: {type(e).__name__}: "
+            f"{e}".splitlines()[0],
+            "check that base_model in grape.json is the model it was trained on",
+        ) from e
+    model.eval()
+    if (folder / "tokenizer_config.json").is_file():
+        tokenizer = _load_tokenizer(folder, options.trust_remote_code)
+    return model, tokenizer, base
+
+
+def _is_run(folder: Path) -> bool:
+    from grape_cli.runfolder import is_run_folder
+
+    return is_run_folder(folder)
+
+
+# Tried in order; the first that matches loads. `none` never reaches here (no folder).
+REWRITER_KINDS: list[RewriterKind] = [
+    RewriterKind("tuned", _is_run, _load_tuned, "a run folder written by `grape train`"),
+    RewriterKind("causal-lm", lambda folder: True, _load_causal_lm, "a causal LM used zero-shot"),
+]
 
 
 def _load_lm(spec: str, device: str | None, trust_remote_code: bool):

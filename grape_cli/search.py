@@ -16,13 +16,14 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from grape_cli.errors import InputError, UsageError
+from grape_cli.query import DEFAULT_IMAGE_WEIGHT, Query, check_image_path
+from grape_cli.ranking import rank_positions, reciprocal_rank_fusion
 from grape_cli.store import Store, default_index_dir
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("grape")
 
-RRF_K = 60  # the constant of Cormack et al. (2009); damps the weight of the very top ranks
 RRF_DEPTH = 100  # each rewrite's ranking fused down to this depth (or k, if larger)
 BACKENDS = ("auto", "faiss", "lance")
 HEAVY_IMPORTS = ("torch", "open_clip", "lancedb", "faiss")
@@ -40,7 +40,7 @@ HEAVY_IMPORTS = ("torch", "open_clip", "lancedb", "faiss")
 
 @dataclass
 class Hit:
-    rank: int
+    rank: int  # `grape_cli.ranking`'s rank: a hit tied with the next shares the later rank
     score: float  # cosine for one query vector, the fused RRF score for several
     path: str
     width: int | None = None
@@ -168,21 +168,6 @@ def cpu_threads(threads: int | None = None):
             faiss.omp_set_num_threads(before[1])
 
 
-def reciprocal_rank_fusion(
-    rankings: Sequence[Sequence[int]], k: int = RRF_K
-) -> list[tuple[int, float]]:
-    """Fuse ranked lists of ids: score(id) = sum over lists of 1 / (k + rank), rank from 1.
-
-    >>> reciprocal_rank_fusion([[7, 3], [3, 9]], k=0)
-    [(3, 1.5), (7, 1.0), (9, 0.5)]
-    """
-    scores: dict[int, float] = {}
-    for ranking in rankings:
-        for rank, item in enumerate(ranking, start=1):
-            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
-    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-
-
 # --------------------------------------------------------------------------- searcher
 
 
@@ -229,7 +214,7 @@ class Searcher:
         self.device = pick_device(device)
         self.threads = threads  # None: the idle cores, decided at each step
         if backend == "auto":
-            backend = "lance" if _has_vector_index(self.store) else "faiss"
+            backend = "lance" if self.store.has_vector_index() else "faiss"
         self.backend = backend
         self._index: VectorIndex | None = None
         self._paths: list[str] = []
@@ -268,16 +253,9 @@ class Searcher:
         return self.clip.encode_texts(texts).numpy()
 
     def encode_image(self, path: str | Path) -> np.ndarray:
-        from grape_cli.embed import decode_image, describe_error
+        from grape_cli.query import encode_image_file
 
-        try:
-            img, _ = decode_image(str(path), draft_size=self.clip.image_size)
-        except Exception as e:
-            raise InputError(
-                f"cannot read --image {path}: {describe_error(e)}", "pass a JPEG, PNG or WebP"
-            ) from None
-        pixels = self.clip.preprocess(img).unsqueeze(0)
-        return self.clip.encode_images(pixels).numpy()
+        return encode_image_file(self.clip, str(path))
 
     # ------------------------------------------------------------------ searching
 
@@ -285,34 +263,24 @@ class Searcher:
         """(scores, rows) of each query vector's top k, best first."""
         if self._index is not None:
             return self._index.search(vectors, k)
-        return _lance_search(self.store, vectors, k, self._lance_rows())
-
-    def _lance_rows(self) -> dict[str, int]:
-        # LanceDB answers with paths; rows are positions in this list, read once.
-        if not self._paths:
-            t = self.store.images.search().select(["path", "width", "height"])
-            t = t.limit(self.size).to_arrow().to_pydict()
-            self._paths = t["path"]
-            self._sizes = list(zip(t["width"], t["height"], strict=True))
+        if not self._paths:  # the ANN path answers with paths; rows are positions here
+            meta = self.store.read_columns(("path", "width", "height"))
+            self._paths = meta["path"]
+            self._sizes = list(zip(meta["width"], meta["height"], strict=True))
             self._rows = {p: i for i, p in enumerate(self._paths)}
-        return self._rows
+        return self.store.ann_search(vectors, k, self._rows)
 
-    def _encode_query(self, query, rewrites, image, image_weight, temperature, timer):
-        import numpy as np
+    def _encode_query(self, query: Query, rewrites, temperature, timer):
+        from grape_cli.query import blend
 
         texts: list[str] = []
-        if query:
+        if query.text:
             with timer.stage("rewrite"):
                 texts = self.rewriter.rewrite([query], n=rewrites, temperature=temperature)[0]
         with timer.stage("encode"):
             vectors = self.encode_texts(texts) if texts else None
-            if image is not None:
-                image_vec = self.encode_image(image)
-                if vectors is None:
-                    vectors = image_vec
-                else:
-                    vectors = vectors + image_weight * image_vec
-                    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+            image_vec = self.encode_image(query.image) if query.image is not None else None
+            vectors = blend(vectors, image_vec, query.image_weight)
         return texts, vectors
 
     def _rank(self, vectors, k: int) -> tuple[list[tuple[int, float]], str]:
@@ -325,53 +293,63 @@ class Searcher:
 
     def search(
         self,
-        query: str | None,
+        query: Query | str | None,
         k: int = 10,
         *,
         rewrites: int = 1,
         image: str | Path | None = None,
-        image_weight: float = 1.0,
+        image_weight: float = DEFAULT_IMAGE_WEIGHT,
         temperature: float | None = None,
     ) -> SearchResult:
-        query = (query or "").strip()
-        check_query(query, image, k, rewrites)
+        """Top k for `query` (a Query, or text plus the `image`/`image_weight` keywords)."""
+        query = _make_query(query, image, image_weight)
+        check_query(query, k, rewrites)
         timings: dict[str, float] = {}
         with cpu_threads(self.threads):
-            texts, vectors = self._encode_query(
-                query, rewrites, image, image_weight, temperature, Timer(timings)
-            )
+            texts, vectors = self._encode_query(query, rewrites, temperature, Timer(timings))
             with Timer(timings).stage("search"):
                 ranked, kind = self._rank(vectors, k)
+        ranked = [(row, score) for row, score in ranked if row >= 0]
+        positions = (
+            rank_positions([s for _, s in ranked])
+            if kind == "cosine"
+            else range(1, len(ranked) + 1)
+        )
         hits = [
             Hit(rank, float(score), self._paths[row], *self._sizes[row])
-            for rank, (row, score) in enumerate(ranked, start=1)
-            if row >= 0
+            for rank, (row, score) in zip(positions, ranked, strict=True)
         ]
         return SearchResult(
-            query=query,
+            query=query.text,
             rewriter=self.rewriter.name,
             rewrites=texts,
             hits=hits,
             index=str(self.store.root),
             model=self.store.model,
-            image=str(image) if image is not None else None,
-            image_weight=image_weight if (image is not None and texts) else None,
+            image=query.image,
+            image_weight=query.image_weight if (query.image is not None and texts) else None,
             score_kind=kind,
             backend=self.backend,
             timings={**self.timings, **timings},
         )
 
 
-def check_query(query: str, image, k: int, rewrites: int) -> None:
+def _make_query(query, image, image_weight) -> Query:
+    if isinstance(query, Query):
+        return query
+    return Query((query or "").strip(), str(image) if image is not None else None, image_weight)
+
+
+def check_query(query: Query, k: int, rewrites: int) -> None:
     """The checks that need no model: run before anything is loaded."""
-    if not query and image is None:
-        raise InputError("the query is empty", "type what you are looking for, or pass --image")
+    if query.empty:
+        raise InputError("the query is empty", "type what you are looking for, or pass an image")
     if k < 1:
-        raise UsageError(f"-k {k}: need at least 1 result", "use -k 1 or more")
+        raise UsageError(f"k = {k}: need at least 1 result", "ask for 1 or more")
     if rewrites < 1:
-        raise UsageError(f"--rewrites {rewrites}: need at least 1", "use --rewrites 1 or more")
-    if image is not None and not os.path.isfile(image):
-        raise InputError(f"cannot read --image {image}: no such file", "check the path")
+        raise UsageError(f"rewrites = {rewrites}: need at least 1", "ask for 1 or more")
+    if query.image is not None:
+        check_image_path(query.image)
 
 
 def search(
@@ -392,11 +370,11 @@ def search(
     seed: int | None = None,
 ) -> SearchResult:
     """One search, from nothing loaded to ranked hits; `result.timings` has every stage."""
-    query = (query or "").strip()
-    check_query(query, image, k, rewrites)
+    query = _make_query(query, image, image_weight)
+    check_query(query, k, rewrites)
     searcher = Searcher(
         index_dir,
-        rewriter=rewriter if query else None,  # an image alone needs no rewriter
+        rewriter=rewriter if query.text else None,  # an image alone needs no rewriter
         device=device,
         prompt=prompt,
         trust_remote_code=trust_remote_code,
@@ -407,40 +385,4 @@ def search(
         import torch
 
         torch.manual_seed(seed)
-    return searcher.search(
-        query, k, rewrites=rewrites, image=image, image_weight=image_weight, temperature=temperature
-    )
-
-
-# --------------------------------------------------------------------------- LanceDB
-
-
-def _has_vector_index(store: Store) -> bool:
-    try:
-        return any("vector" in (ix.columns or []) for ix in store.images.list_indices())
-    except Exception:  # an older table layout: search it with faiss
-        return False
-
-
-def _lance_search(
-    store: Store, vectors: np.ndarray, k: int, rows: dict[str, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k through LanceDB (its ANN index when the table has one)."""
-    import numpy as np
-
-    k = min(k, len(rows))
-    scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
-    ids = np.full((len(vectors), k), -1, dtype=np.int64)
-    for i, vec in enumerate(vectors):
-        t = (
-            store.images.search(vec.astype(np.float32))
-            .distance_type("cosine")
-            .select(["path", "_distance"])
-            .limit(k)
-            .to_arrow()
-            .to_pydict()
-        )
-        n = len(t["path"])
-        ids[i, :n] = [rows[p] for p in t["path"]]
-        scores[i, :n] = 1.0 - np.asarray(t["_distance"], dtype=np.float32)
-    return scores, ids
+    return searcher.search(query, k, rewrites=rewrites, temperature=temperature)

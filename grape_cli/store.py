@@ -229,9 +229,6 @@ class Store:
         tmp.write_text(json.dumps(self.manifest, indent=2))
         os.replace(tmp, self.root / MANIFEST)  # atomic: readers never see half a manifest
 
-    def writer_lock(self):
-        return writer_lock(self.root)
-
     def write_snapshot(self) -> None:
         """Record the file states of every row and failure (call after a complete write)."""
         rows = {p: [s.size, s.mtime_ns] for p, s in self.file_states().items()}
@@ -361,6 +358,40 @@ class Store:
         flat = t.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
         matrix = np.ascontiguousarray(flat.reshape(t.num_rows, self.dim), dtype=np.float32)
         return {c: t.column(c).to_pylist() for c in columns}, matrix
+
+    def read_columns(self, columns: tuple[str, ...]) -> dict[str, list]:
+        """Metadata columns of every image, in table order (no vectors)."""
+        t = self._scan(self.images, list(columns))
+        return {c: t.column(c).to_pylist() for c in columns}
+
+    def has_vector_index(self) -> bool:
+        """Whether the images table carries an ANN index on its vectors."""
+        try:
+            return any("vector" in (ix.columns or []) for ix in self.images.list_indices())
+        except Exception:  # an older table layout: searched exactly instead
+            return False
+
+    def ann_search(self, vectors, k: int, rows: dict[str, int]):
+        """(scores, rows) of each vector's top k by cosine through LanceDB (its ANN index
+        when the table has one); `rows` maps paths to the caller's row numbers."""
+        import numpy as np
+
+        k = min(k, len(rows))
+        scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(vectors), k), -1, dtype=np.int64)
+        for i, vec in enumerate(vectors):
+            t = (
+                self.images.search(np.asarray(vec, dtype=np.float32))
+                .distance_type("cosine")
+                .select(["path", "_distance"])
+                .limit(k)
+                .to_arrow()
+                .to_pydict()
+            )
+            n = len(t["path"])
+            ids[i, :n] = [rows[p] for p in t["path"]]
+            scores[i, :n] = 1.0 - np.asarray(t["_distance"], dtype=np.float32)
+        return scores, ids
 
     def fingerprint(self) -> str:
         """Identifies this corpus (model + image contents), for runs tuned against it."""

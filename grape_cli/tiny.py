@@ -14,7 +14,7 @@ from pathlib import Path
 
 # open_clip model_cfg presets. "test" is a ViT that runs thousands of images/s on a
 # CPU; "resnet" uses open_clip's ModifiedResNet, which keeps the small-shape detail a
-# 16-pixel ViT patch loses on 64-pixel images (measured: see ../shared/stack-notes.md).
+# 16-pixel ViT patch loses on 64-pixel images (examples/shapes/retriever.py measures it).
 CLIP_PRESETS: dict[str, dict] = {
     "test": {
         "embed_dim": 32,

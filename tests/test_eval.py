@@ -12,17 +12,17 @@ import torch
 from PIL import Image
 
 from grape_cli.errors import InputError
-from grape_cli.evaluate import (
-    evaluate,
-    evaluate_rewriter,
+from grape_cli.evaluate import evaluate, evaluate_rewriter
+from grape_cli.index import index_folders
+from grape_cli.models import load_clip
+from grape_cli.pairs import Pair, load_pairs, match_targets, read_pairs
+from grape_cli.query import Query
+from grape_cli.ranking import (
     fused_target_ranks,
+    reciprocal_rank_fusion,
     retrieval_metrics,
     target_ranks,
 )
-from grape_cli.index import index_folders
-from grape_cli.models import load_clip
-from grape_cli.pairs import Pair, load_pairs, match_targets
-from grape_cli.search import reciprocal_rank_fusion
 from grape_cli.store import Store
 
 
@@ -47,8 +47,8 @@ def test_jsonl_pairs_resolve_paths_relative_to_the_file(tmp_path):
         '{"query": " 两只狗 ", "targets": ["dog1.jpg", "/abs/dog2.jpg"]}\n',
     )
     assert load_pairs(p) == [
-        Pair("a cat", (str(tmp_path / "data" / "photos" / "cat.jpg"),), 1),
-        Pair("两只狗", (str(tmp_path / "data" / "dog1.jpg"), "/abs/dog2.jpg"), 3),
+        Pair(Query("a cat"), (str(tmp_path / "data" / "photos" / "cat.jpg"),), 1),
+        Pair(Query("两只狗"), (str(tmp_path / "data" / "dog1.jpg"), "/abs/dog2.jpg"), 3),
     ]
 
 
@@ -58,7 +58,7 @@ def test_csv_and_tsv_pairs(tmp_path):
         'query,target\n"a cat, sleeping",cat.jpg\n\n"two\nlines",b.jpg\ndog,dog.jpg\n',
     )
     pairs = load_pairs(csv)
-    assert [(p.query, p.line) for p in pairs] == [
+    assert [(p.query.text, p.line) for p in pairs] == [
         ("a cat, sleeping", 2),
         ("two\nlines", 4),
         ("dog", 6),
@@ -67,7 +67,7 @@ def test_csv_and_tsv_pairs(tmp_path):
     tsv = write(tmp_path / "pairs.tsv", "Query\tTargets\ncat\ta.jpg|sub/b.jpg\n")
     assert load_pairs(tsv)[0].targets == (str(tmp_path / "a.jpg"), str(tmp_path / "sub/b.jpg"))
     sniffed = write(tmp_path / "pairs.txt", "query\ttarget\ncat\ta.jpg\n")  # no known suffix
-    assert load_pairs(sniffed)[0].query == "cat"
+    assert load_pairs(sniffed)[0].query.text == "cat"
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,9 @@ def test_csv_and_tsv_pairs(tmp_path):
         ("p.jsonl", '{"query": "", "target": "x"}\n', ":1", "'query'"),
         ("p.jsonl", '{"query": "a"}\n', ":1", "exactly one"),
         ("p.jsonl", '{"query": "a", "target": "x", "targets": ["y"]}\n', ":1", "exactly one"),
-        ("p.jsonl", '{"query": "a", "targets": []}\n', ":1", "non-empty list"),
+        ("p.jsonl", '{"query": "a", "targets": []}\n', ":1", "'targets' is an empty list"),
+        ("p.jsonl", '{"query": 123, "target": "x"}\n', ":1", "'query' must be text, not a number"),
+        ("p.jsonl", '{"query": "a", "target": "x", "image": "nope.png"}\n', ":1", "no such file"),
         ("p.jsonl", '{"query": "a", "target": 3}\n', ":1", "non-empty list"),
         ("p.csv", "query,path\na,x\n", ":1", "'target'"),
         ("p.csv", "query,target\na,x\nb,y,z\n", ":3", "3 fields"),
@@ -91,6 +93,32 @@ def test_malformed_line_is_reported_with_its_number(tmp_path, name, text, where,
     with pytest.raises(InputError) as err:
         load_pairs(p)
     assert f"{p}{where}:" in err.value.message and what in err.value.message
+
+
+def test_a_byte_that_is_not_utf8_is_reported_by_line(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(b'{"query": "a", "target": "x"}\n{"query": "caf\xe9", "target": "y"}\n')
+    with pytest.raises(InputError, match=r"p.jsonl:2: not UTF-8 text \(byte 0xe9\)"):
+        load_pairs(p)
+
+
+def test_duplicate_pairs_are_counted_once_and_reported(tmp_path, caplog):
+    line = '{"query": "a cat", "target": "cat.jpg"}\n'
+    p = write(tmp_path / "p.jsonl", line + '{"query": "dog", "target": "d.jpg"}\n' + line * 2)
+    read = read_pairs(p)
+    assert [x.line for x in read.pairs] == [1, 2]
+    assert read.duplicates == {3: 1, 4: 1}
+    assert "2 line(s) repeat an earlier pair" in caplog.text
+
+
+def test_composed_pairs_carry_their_reference_image(tmp_path):
+    (tmp_path / "ref.png").write_bytes(b"png")
+    p = write(tmp_path / "p.jsonl", '{"query": "but red", "image": "ref.png", "target": "t.jpg"}\n')
+    (pair,) = load_pairs(p)
+    assert pair.query == Query("but red", image=str(tmp_path / "ref.png"))
+    assert pair.query.composed
+    csv = write(tmp_path / "p.csv", "query,image,target\nbut red,ref.png,t.jpg\nplain,,u.jpg\n")
+    assert [x.query.image for x in load_pairs(csv)] == [str(tmp_path / "ref.png"), None]
 
 
 def test_empty_or_missing_pairs_file(tmp_path):
@@ -161,16 +189,15 @@ def test_recall_matches_clip_benchmark():
         assert metrics[f"recall@{k}"] == pytest.approx(theirs)
 
 
-def test_ties_count_in_the_targets_favour_and_chunks_agree():
+def test_ties_count_against_the_target():
     rng = np.random.default_rng(2)
     corpus = _unit(rng, 50)
     corpus[10] = corpus[3]  # a duplicate of the target scores exactly the same
     q = corpus[3:4] + 0.01
-    assert target_ranks(q, corpus, [[3]])[0] == target_ranks(q, corpus, [[10]])[0] == 1
+    assert target_ranks(q, corpus, [[3]])[0] == target_ranks(q, corpus, [[10]])[0] == 2
+    assert target_ranks(q, corpus, [[3, 10]])[0] == 1  # both right: no tie against itself
     queries = _unit(rng, 9)
     targets = [[i] for i in range(9)]
-    whole = target_ranks(queries, corpus, targets)
-    assert (whole == target_ranks(queries, corpus, targets, block=2)).all()
     with pytest.raises(ValueError):
         target_ranks(queries, corpus, targets[:3])
 
@@ -230,7 +257,7 @@ class Captioner:
     fallbacks = 0
 
     def rewrite(self, queries, n=1, temperature=None):
-        return [[CAPTIONS[q]] for q in queries]
+        return [[CAPTIONS[q.text]] for q in queries]
 
 
 def reference_ranks(root, clip, texts, targets):

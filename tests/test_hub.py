@@ -14,35 +14,18 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import huggingface_hub
 import huggingface_hub.constants as hf_constants
 import pytest
 from huggingface_hub import ModelCard
 
 from grape_cli.errors import HubError, InputError, UsageError
-from grape_cli.hub import (
-    build_upload_folder,
-    public_grape_json,
-    push_rewriter,
-    render_model_card,
-)
+from grape_cli.hub import build_upload_folder, push_rewriter
+from grape_cli.runfolder import RunInfo
+
+from .conftest import fake_hub_cache
 
 TOKEN = "hf_grapeTestToken0123456789abcdef"
 REPO = "alice/grape-shapes"
-QUERIES = [
-    "a zebra-striped teapot on grandma's windowsill",
-    "我家猫在沙发上睡觉的那张照片",
-    "the blurry one from the lake trip where the dog jumps in",
-]
-METRICS = {
-    "before": {
-        "none": {"recall@1": 0.1, "recall@5": 0.3, "recall@10": 0.4, "mrr": 0.2, "n": 3},
-        "BASE": {"recall@1": 0.2, "recall@5": 0.4, "recall@10": 0.5, "mrr": 0.3, "n": 3},
-    },
-    "after": {"RUN": {"recall@1": 0.667, "recall@5": 1.0, "recall@10": 1.0, "mrr": 0.8, "n": 3}},
-    "best_step": 40,
-    "samples": [QUERIES[0]],  # free text in metrics must not survive
-}
 MERGED_FILES = {
     "README.md",
     "chat_template.jinja",
@@ -56,78 +39,45 @@ MERGED_FILES = {
 }
 
 
-def make_run(tmp_path: Path, tiny_lm: Path, *, base: str | None = None, **overrides) -> Path:
-    """A run folder as `grape train` writes it, full of local paths and private text."""
-    private = tmp_path / "private"
-    private.mkdir(parents=True, exist_ok=True)
-    pairs = private / "pairs.jsonl"
-    pairs.write_text(
-        "".join(
-            json.dumps({"query": q, "target": f"img{i}.jpg"}) + "\n" for i, q in enumerate(QUERIES)
-        ),
-        encoding="utf-8",
-    )
+def make_run(tmp_path: Path, trained_run: dict, **changes) -> Path:
+    """A copy of the real `grape train` run folder, plus what else a run folder may hold
+    (none of which may be published); `changes` are set on its RunInfo."""
     run = tmp_path / "runs" / "shapes-rank"
-    shutil.copytree(tiny_lm, run)
+    shutil.copytree(trained_run["run"], run)
     config = json.loads((run / "config.json").read_text())
-    config["_name_or_path"] = str(tiny_lm)
+    config["_name_or_path"] = str(trained_run["lm"])
     (run / "config.json").write_text(json.dumps(config))
-    (run / "training.png").write_bytes(b"\x89PNG\r\n\x1a\n fake plot")
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "sample": QUERIES[0]}) + "\n")
-    (run / "README.md").write_text(f"base_model: {tiny_lm}\n")  # e.g. PEFT's own card
+    (run / "README.md").write_text(f"base_model: {trained_run['lm']}\n")  # e.g. PEFT's own card
     (run / "pytorch_model.bin").write_bytes(b"pickle")
     (run / "checkpoint-40").mkdir()
     (run / "checkpoint-40" / "model.safetensors").write_bytes(b"x")
-    base = base or str(tiny_lm)
-    meta = {
-        "format": "grape-rewriter",
-        "format_version": 1,
-        "grape_version": "0.1.0",
-        "base_model": base,
-        "adapter": False,
-        "retriever": str(tmp_path / "models" / "shapes-clip"),
-        "index_fingerprint": "0123456789abcdef",
-        "reward": "rank",
-        "prompt": {"system": "Rewrite the query as a caption.", "user": "Query: {query}"},
-        "generation": {"max_new_tokens": 8},
-        "settings": {
-            "pairs": str(pairs),
-            "index": str(tmp_path / "grape-home" / "index"),
-            "out": str(run),
-            "steps": 60,
-            "group_size": 4,
-            "learning_rate": 1e-4,
-            "loss_type": "dapo",
-            "base_model": base,
-            "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
-            "query_note": QUERIES[1],
-            "eval_split": 0.1,
-        },
-        "metrics": json.loads(
-            json.dumps(METRICS)
-            .replace('"BASE"', json.dumps(base))
-            .replace('"RUN"', json.dumps(str(run)))
-        ),
-        "created": "2026-11-27T01:00:00+0000",
-    }
-    meta.update(overrides)
-    (run / "grape.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    if changes:
+        info = RunInfo.read(run)
+        for key, value in changes.items():
+            setattr(info, key, value)
+        info.write(run)
     return run
 
 
-def assert_nothing_private(folder: Path, tmp_path: Path) -> None:
+def queries_of(trained_run: dict) -> list[str]:
+    lines = trained_run["pairs"].read_text().splitlines()
+    return [json.loads(x)["query"] for x in lines]
+
+
+def assert_nothing_private(folder: Path, tmp_path: Path, trained_run: dict) -> None:
+    secrets = (str(tmp_path), str(trained_run["root"]), *queries_of(trained_run))
     for f in folder.rglob("*"):
         if f.is_file():
             data = f.read_bytes()
-            for secret in (str(tmp_path), "/private/", *QUERIES):
+            for secret in secrets:
                 assert secret.encode() not in data, f"{f.name} leaks {secret!r}"
 
 
 # --------------------------------------------------------------------------- dry run
 
 
-def test_dry_run_folder_is_complete_public_and_parses(tmp_path, tiny_lm):
-    run = make_run(tmp_path, tiny_lm)
+def test_dry_run_folder_is_complete_public_and_parses(tmp_path, trained_run):
+    run = make_run(tmp_path, trained_run)
     out = tmp_path / "upload"
     result = push_rewriter(run, REPO, dry_run=out)
 
@@ -135,49 +85,83 @@ def test_dry_run_folder_is_complete_public_and_parses(tmp_path, tiny_lm):
     assert {p for p, _ in result.files} == MERGED_FILES
     assert {f.name for f in out.iterdir()} == MERGED_FILES  # exactly the listed files
     assert all(size == (out / p).stat().st_size for p, size in result.files)
-    assert_nothing_private(out, tmp_path)
+    assert_nothing_private(out, tmp_path, trained_run)
 
     meta = json.loads((out / "grape.json").read_text())
-    assert meta["base_model"] == "tiny-lm" and meta["base_model_note"] == "local model"
-    assert meta["retriever"] == "shapes-clip" and meta["retriever_note"] == "local model"
-    assert "index_fingerprint" not in meta
-    assert meta["settings"] == {
-        "steps": 60,
-        "group_size": 4,
-        "learning_rate": 1e-4,
-        "loss_type": "dapo",
-        "base_model": "tiny-lm",
-        "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
-        "eval_split": 0.1,
-    }
-    assert set(meta["metrics"]["before"]) == {"none", "tiny-lm"}
-    assert set(meta["metrics"]["after"]) == {"shapes-rank"}
-    assert "samples" not in meta["metrics"] and meta["metrics"]["best_step"] == 40
-    assert meta["prompt"]["user"] == "Query: {query}"
-    assert json.loads((out / "config.json").read_text())["_name_or_path"] == "tiny-lm"
+    info = RunInfo.read(run)
+    assert meta == info.public()  # exactly the allow-listed public view
+    assert meta["base_model"] == "lm" and meta["base_model_local"] is True
+    assert meta["retriever"] == "tiny-clip" and meta["retriever_local"] is True
+    assert set(meta["settings"]) <= {"reward", "steps", "group_size", "queries_per_step",
+        "beta", "learning_rate", "temperature", "max_completion_length", "loss_type", "lora",
+        "lora_rank", "eval_split", "eval_every", "negatives", "format_weight", "max_words",
+        "seed"}  # fmt: skip
+    assert meta["settings"]["steps"] == 4 and meta["settings"]["group_size"] == 4
+    assert set(meta["metrics"]) >= {"none", "base", "tuned", "best_step"}
+    assert meta["prompt"] == trained_run["prompt"].to_dict()
+    assert json.loads((out / "config.json").read_text())["_name_or_path"] == "lm"
 
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "text-generation"
     assert {"grape", "query-rewriting", "clip", "grpo"} <= set(card.data.tags)
     assert card.data.base_model is None  # a local base has no Hub id to point at
+    tuned = trained_run["result"]["after"]
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["recall@10"] == tuned["recall@10"] and results["mrr"] == tuned["mrr"]
     text = card.text
-    assert "| `shapes-rank` | after training | 0.667 | 1.000 | 1.000 | 0.800 |" in text
+    assert f"| this rewriter | {tuned['recall@1']:.3f} | {tuned['recall@5']:.3f} |" in text
     assert "grape search" in text and f"--rewriter {REPO}" in text
     assert "AutoModelForCausalLM.from_pretrained(repo)" in text
     assert "2509.23370" in text and "Limitations" in text
-    assert "shapes-clip" in text and "not on the Hub" in text
+    assert "tiny-clip" in text and "not on the Hub" in text
 
 
-def test_card_metadata_for_a_hub_base_inherits_its_license(tmp_path, tiny_lm, monkeypatch):
-    cache = tmp_path / "hf-cache"
+def test_a_version_1_run_folder_still_loads_and_publishes_nothing_local(tmp_path, trained_run):
+    """grape 0.1.0 wrote local paths into grape.json; they are moved aside on read."""
+    run = make_run(tmp_path, trained_run)
+    lm, pairs = str(trained_run["lm"]), str(trained_run["pairs"])
+    v1 = {
+        "format": "grape-rewriter",
+        "format_version": 1,
+        "grape_version": "0.1.0",
+        "base_model": lm,
+        "adapter": False,
+        "retriever": trained_run["retriever"],
+        "reward": "rank",
+        "prompt": {"system": "Rewrite the query as a caption.", "user": "Query: {query}"},
+        "generation": {"max_new_tokens": 8},
+        "settings": {"pairs": pairs, "out": str(run), "steps": 60, "learning_rate": 1e-4},
+        "metrics": {
+            "before": {"none": {"recall@10": 0.4, "n": 3}, lm: {"recall@10": 0.5, "n": 3}},
+            "after": {str(run): {"recall@10": 1.0, "n": 3}},
+            "best_step": 40,
+        },
+    }
+    (run / "grape.json").write_text(json.dumps(v1))
+    (run / "grape.local.json").unlink()
+    info = RunInfo.read(run)
+    assert info.base_model == "lm" and info.base_model_local
+    assert info.local.base_model_path == lm and info.local.pairs == pairs
+    assert info.metrics["tuned"] == {"recall@10": 1.0, "n": 3}
+    assert info.metrics["base"]["recall@10"] == 0.5 and info.max_new_tokens == 8
+    assert "pairs" not in info.settings and "pairs" not in info.public()["settings"]
+    push_rewriter(run, REPO, dry_run=tmp_path / "up")
+    assert_nothing_private(tmp_path / "up", tmp_path, trained_run)
+    from grape_cli.rewrite import load_rewriter
+
+    assert load_rewriter(str(run)).max_new_tokens == 8
+
+
+def test_card_metadata_for_a_hub_base_inherits_its_license(tmp_path, trained_run, hub_cache):
     card = "---\nlicense: apache-2.0\n---\n# Qwen\n"
     seed = tmp_path / "qwen-card"
     seed.mkdir()
     (seed / "README.md").write_text(card)
-    fake_hub_cache(cache, "Qwen/Qwen2.5-0.5B-Instruct", seed)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
-    run = make_run(tmp_path, tiny_lm, base="Qwen/Qwen2.5-0.5B-Instruct")
+    fake_hub_cache(hub_cache, "Qwen/Qwen2.5-0.5B-Instruct", seed)
+    run = make_run(
+        tmp_path, trained_run, base_model="Qwen/Qwen2.5-0.5B-Instruct", base_model_local=False
+    )
 
     build_upload_folder(run, tmp_path / "up", REPO, revision="v2")
     data = ModelCard.load(tmp_path / "up" / "README.md").data
@@ -185,70 +169,66 @@ def test_card_metadata_for_a_hub_base_inherits_its_license(tmp_path, tiny_lm, mo
     assert data.license == "apache-2.0"
     assert data.to_dict()["base_model_relation"] == "finetune"
     meta = json.loads((tmp_path / "up" / "grape.json").read_text())
-    assert meta["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct" and "base_model_note" not in meta
+    assert meta["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct" and not meta["base_model_local"]
     assert f"--rewriter {REPO}@v2" in (tmp_path / "up" / "README.md").read_text()
 
 
-def test_adapter_run_uploads_the_adapter_with_its_base_id(tmp_path, tiny_lm, caplog):
+def test_adapter_run_uploads_the_adapter_with_its_base_id(tmp_path, trained_run, caplog):
     import numpy as np
     from safetensors.numpy import save_file
 
-    run = make_run(tmp_path, tiny_lm, adapter=True)
+    run = make_run(tmp_path, trained_run, adapter=True)
     (run / "model.safetensors").unlink()
     save_file(
         {"lora_A": np.zeros((2, 2), dtype=np.float32)}, str(run / "adapter_model.safetensors")
     )
     (run / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 8, "base_model_name_or_path": str(tiny_lm)})
+        json.dumps({"peft_type": "LORA", "r": 8, "base_model_name_or_path": str(trained_run["lm"])})
     )
     files = {p for p, _ in build_upload_folder(run, tmp_path / "up", REPO)}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files
     assert "model.safetensors" not in files
     adapter_cfg = json.loads((tmp_path / "up" / "adapter_config.json").read_text())
-    assert adapter_cfg["base_model_name_or_path"] == "tiny-lm"
+    assert adapter_cfg["base_model_name_or_path"] == "lm"
     card = ModelCard.load(tmp_path / "up" / "README.md")
     assert card.data.library_name == "peft" and "lora" in card.data.tags
     assert "cannot be loaded without it" in card.text
     assert "base model is a local folder" in caplog.text
-    assert_nothing_private(tmp_path / "up", tmp_path)
+    assert_nothing_private(tmp_path / "up", tmp_path, trained_run)
 
 
-def test_render_model_card_scrubs_a_raw_grape_json(tmp_path, tiny_lm):
-    meta = json.loads((make_run(tmp_path, tiny_lm) / "grape.json").read_text())
-    card = render_model_card(meta, REPO)
-    assert str(tmp_path) not in card and not any(q in card for q in QUERIES)
-    assert ModelCard(card).data.pipeline_tag == "text-generation"
-    assert public_grape_json(public_grape_json(meta)) == public_grape_json(meta)  # idempotent
-
-
-def test_examples_only_when_asked(tmp_path, tiny_lm):
-    run = make_run(tmp_path, tiny_lm)
+def test_examples_only_when_asked(tmp_path, trained_run):
+    run = make_run(tmp_path, trained_run)
     build_upload_folder(run, tmp_path / "up", REPO, include_examples=2)
     meta = json.loads((tmp_path / "up" / "grape.json").read_text())
-    assert [e["query"] for e in meta["examples"]] == QUERIES[:2]
+    held = [json.loads(x)["query"] for x in (run / "heldout.jsonl").read_text().splitlines()]
+    assert [e["query"] for e in meta["examples"]] == held[:2]
     assert all(isinstance(e["rewrite"], str) and e["rewrite"] for e in meta["examples"])
     card = (tmp_path / "up" / "README.md").read_text()
-    assert "## Examples" in card and QUERIES[0].replace("|", "\\|") in card
+    assert "## Examples" in card and held[0] in card
     assert str(tmp_path) not in card
 
 
-def test_privacy_scan_refuses_what_slipped_through(tmp_path, tiny_lm):
-    prompt = {"system": f"Files live in {tmp_path}/photos.", "user": "Query: {query}"}
-    run = make_run(tmp_path, tiny_lm, prompt=prompt)
+def test_privacy_scan_refuses_what_slipped_through(tmp_path, trained_run):
+    from grape_cli.prompt import PromptTemplate
+
+    prompt = PromptTemplate(system=f"Files live in {tmp_path}/photos.", user="Query: {query}")
+    run = make_run(tmp_path, trained_run, prompt=prompt)
     with pytest.raises(
         HubError, match=r"refusing to publish: (grape.json|README.md) contains the local path"
     ):
         build_upload_folder(run, tmp_path / "up", REPO)
     assert not (tmp_path / "up").exists() and not list(tmp_path.glob(".up.*"))
 
-    prompt = {"system": f"Like: {QUERIES[0]}", "user": "Query: {query}"}
-    run2 = make_run(tmp_path / "b", tiny_lm, prompt=prompt)
+    query = queries_of(trained_run)[0]
+    prompt = PromptTemplate(system=f"Like: {query}", user="Query: {query}")
+    run2 = make_run(tmp_path / "b", trained_run, prompt=prompt)
     with pytest.raises(HubError, match="contains a query from your pairs"):
         build_upload_folder(run2, tmp_path / "up", REPO)
 
 
-def test_bad_inputs(tmp_path, tiny_lm):
-    run = make_run(tmp_path, tiny_lm)
+def test_bad_inputs(tmp_path, trained_run, tiny_lm):
+    run = make_run(tmp_path, trained_run)
     with pytest.raises(UsageError, match="not a Hub repo id"):
         build_upload_folder(run, tmp_path / "up", "no-namespace")
     (tmp_path / "full").mkdir()
@@ -262,8 +242,8 @@ def test_bad_inputs(tmp_path, tiny_lm):
         build_upload_folder(run, tmp_path / "up", REPO)
 
 
-def test_cli_dry_run_lists_files_and_sizes(tmp_path, tiny_lm, cli):
-    run = make_run(tmp_path, tiny_lm)
+def test_cli_dry_run_lists_files_and_sizes(tmp_path, trained_run, cli):
+    run = make_run(tmp_path, trained_run)
     result = cli("push", run, REPO, "--dry-run", tmp_path / "up")
     assert result.exit_code == 0, result.output
     assert "model.safetensors" in result.stdout and "kB" in result.stdout
@@ -332,36 +312,36 @@ def _push_fails(cli, run, *extra):
         (403, f"not allowed to write to {REPO} (403 Forbidden): it belongs to someone else"),
     ],
 )
-def test_push_refused_by_the_hub(tmp_path, tiny_lm, cli, online, status, message):
+def test_push_refused_by_the_hub(tmp_path, trained_run, cli, online, status, message):
     server = online(status)
-    line = _push_fails(cli, make_run(tmp_path, tiny_lm))
+    line = _push_fails(cli, make_run(tmp_path, trained_run))
     assert message in line
     assert server.seen and all(auth == f"Bearer {TOKEN}" for _, _, auth in server.seen)
     assert not any("commit" in path for _, path, _ in server.seen)  # nothing half-pushed
 
 
-def test_push_without_network(tmp_path, tiny_lm, cli, online, monkeypatch):
+def test_push_without_network(tmp_path, trained_run, cli, online, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    line = _push_fails(cli, make_run(tmp_path, tiny_lm))
+    line = _push_fails(cli, make_run(tmp_path, trained_run))
     assert f"could not reach the Hugging Face Hub at http://127.0.0.1:{port}: ConnectError" in line
 
 
-def test_push_without_token(tmp_path, tiny_lm, cli, online, monkeypatch):
+def test_push_without_token(tmp_path, trained_run, cli, online, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    assert "no Hugging Face token" in _push_fails(cli, make_run(tmp_path, tiny_lm))
+    assert "no Hugging Face token" in _push_fails(cli, make_run(tmp_path, trained_run))
 
 
-def test_push_offline(tmp_path, tiny_lm, cli, monkeypatch):
+def test_push_offline(tmp_path, trained_run, cli, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert "HF_HUB_OFFLINE is set" in _push_fails(cli, make_run(tmp_path, tiny_lm))
+    assert "HF_HUB_OFFLINE is set" in _push_fails(cli, make_run(tmp_path, trained_run))
 
 
-def test_push_is_one_commit_replacing_stale_files(tmp_path, tiny_lm, online, monkeypatch):
+def test_push_is_one_commit_replacing_stale_files(tmp_path, trained_run, online):
     calls = []
 
     class RecordingApi:
@@ -391,9 +371,10 @@ def test_push_is_one_commit_replacing_stale_files(tmp_path, tiny_lm, online, mon
                 "Info", (), {"commit_url": f"https://hub/{repo_id}/commit/abc", "oid": "abc"}
             )()
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
-    run = make_run(tmp_path, tiny_lm)
-    result = push_rewriter(run, REPO, private=True, revision="v2", commit_message="first")
+    run = make_run(tmp_path, trained_run)
+    result = push_rewriter(
+        run, REPO, private=True, revision="v2", commit_message="first", api=RecordingApi
+    )
 
     assert calls[0] == ("init", TOKEN)
     assert ("create_repo", REPO, True, True) in calls and ("create_branch", "v2") in calls
@@ -408,30 +389,15 @@ def test_push_is_one_commit_replacing_stale_files(tmp_path, tiny_lm, online, mon
 # --------------------------------------------------------------------------- round trip
 
 
-def fake_hub_cache(cache: Path, repo_id: str, folder: Path, refs=("main",)) -> Path:
-    """Lay `folder` out as huggingface_hub's cache holds a downloaded snapshot."""
-    storage = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = "3" * 40
-    snapshot = storage / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
-    (storage / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (storage / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (storage / "refs" / ref).write_text(commit)
-    return snapshot
-
-
-def test_dry_run_folder_loads_like_a_hub_download(tmp_path, tiny_lm, monkeypatch):
+def test_dry_run_folder_loads_like_a_hub_download(tmp_path, trained_run, hub_cache):
     import torch
 
     from grape_cli.models import load_causal_lm
     from grape_cli.rewrite import load_rewriter
 
-    run = make_run(tmp_path, tiny_lm)
+    run = make_run(tmp_path, trained_run)
     push_rewriter(run, REPO, dry_run=tmp_path / "up")
-    cache = tmp_path / "hf-cache"
-    snapshot = fake_hub_cache(cache, REPO, tmp_path / "up", refs=("main", "v2", "refs/pr/1"))
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    snapshot = fake_hub_cache(hub_cache, REPO, tmp_path / "up", refs=("main", "v2", "refs/pr/1"))
 
     original, _ = load_causal_lm(str(run), "cpu")
     for spec in (REPO, f"{REPO}@v2", f"{REPO}@refs/pr/1"):
@@ -440,19 +406,20 @@ def test_dry_run_folder_loads_like_a_hub_download(tmp_path, tiny_lm, monkeypatch
             original.state_dict().items(), model.state_dict().items(), strict=True
         ):
             assert torch.equal(a, b), name
-        assert tokenizer.chat_template == (tiny_lm / "chat_template.jinja").read_text()
+        assert tokenizer.chat_template == (run / "chat_template.jinja").read_text()
 
-    tuned = load_rewriter(str(snapshot), retriever=str(tmp_path / "models" / "shapes-clip"))
+    tuned = load_rewriter(str(snapshot), retriever=trained_run["retriever"])
     local = load_rewriter(str(run))
-    assert tuned.prompt.system == "Rewrite the query as a caption." and tuned.max_new_tokens == 8
-    assert tuned.retriever == "shapes-clip"
+    assert tuned.prompt == trained_run["prompt"] and tuned.max_new_tokens == 12
+    assert tuned.retriever == "tiny-clip"
+    queries = queries_of(trained_run)[:3]
     assert all(
         torch.equal(a, b)
         for a, b in zip(
             tuned.model.state_dict().values(), local.model.state_dict().values(), strict=True
         )
     )
-    assert tuned.rewrite(QUERIES) == local.rewrite(QUERIES)
+    assert tuned.rewrite(queries) == local.rewrite(queries)
 
     # The card's plain-transformers snippet runs as written (pointed at the snapshot).
     card = (snapshot / "README.md").read_text()
@@ -463,14 +430,12 @@ def test_dry_run_folder_loads_like_a_hub_download(tmp_path, tiny_lm, monkeypatch
     assert isinstance(scope["printed"], str)
 
 
-def test_hub_id_loads_as_a_tuned_rewriter(tmp_path, tiny_lm, monkeypatch):
+def test_hub_id_loads_as_a_tuned_rewriter(tmp_path, trained_run, hub_cache):
     """`--rewriter user/repo@rev` must read the repo's grape.json (prompt, retriever)."""
     from grape_cli.rewrite import load_rewriter
 
-    push_rewriter(make_run(tmp_path, tiny_lm), REPO, dry_run=tmp_path / "up")
-    cache = tmp_path / "hf-cache"
-    fake_hub_cache(cache, REPO, tmp_path / "up", refs=("main", "v2"))
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    push_rewriter(make_run(tmp_path, trained_run), REPO, dry_run=tmp_path / "up")
+    fake_hub_cache(hub_cache, REPO, tmp_path / "up", refs=("main", "v2"))
     tuned = load_rewriter(f"{REPO}@v2")
-    assert tuned.prompt.system == "Rewrite the query as a caption."
-    assert tuned.retriever == "shapes-clip"
+    assert tuned.prompt == trained_run["prompt"]
+    assert tuned.retriever == "tiny-clip"

@@ -7,18 +7,19 @@ import math
 import pytest
 import torch
 
+from grape_cli.errors import UsageError
+from grape_cli.ranking import Scores
+from grape_cli.ranking import score_targets as score_rewrites
 from grape_cli.reward import (
-    REWARD_FLOOR,
+    REWARDS,
     FormatReward,
     RetrievalReward,
-    Scores,
     format_penalty,
     format_problems,
     inflation,
     rank_reward,
     rank_top_reward,
     reward_from_scores,
-    score_rewrites,
 )
 
 
@@ -122,7 +123,7 @@ def test_rewards_from_ranks():
     s = Scores(ranks, torch.tensor([0.3, 0.2, 0.1]), torch.zeros(3), 10)
     assert reward_from_scores("similarity", s).tolist() == pytest.approx([0.3, 0.2, 0.1])
     assert reward_from_scores("rank", s).tolist() == pytest.approx([1.0, 8 / 9, 0.0])
-    with pytest.raises(ValueError, match="unknown reward"):
+    with pytest.raises(UsageError, match="unknown reward"):
         reward_from_scores("ndcg", s)
 
 
@@ -218,7 +219,7 @@ def test_retrieval_reward_adapter_in_trl_signature():
     assert set(logged) >= {"grape/rank_median", "grape/top_nontarget_cos", "grape/random_cos"}
     sim = RetrievalReward("similarity", enc, corpus, eos_ids=[eos])
     out = sim(["p"] * 2, ["up", "up"], [[1, eos], [1]], targets=[[1], [1]])
-    assert out == pytest.approx([1.0, REWARD_FLOOR["similarity"]])
+    assert out == pytest.approx([1.0, REWARDS["similarity"].floor])
 
 
 def test_format_reward_adapter():

@@ -14,12 +14,13 @@ import torch
 from grape_cli.errors import ModelError
 from grape_cli.prompt import PromptTemplate, render_prompt
 from grape_cli.rewrite import (
+    REWRITER_KINDS,
     IdentityRewriter,
     LMRewriter,
     generate_rewrites,
     load_rewriter,
-    read_tuned_config,
 )
+from grape_cli.runfolder import RunInfo
 
 # A short prompt keeps the taught sequences short: the tiny LM memorises them in seconds.
 SHORT = PromptTemplate(system="", user="find: {query}")
@@ -46,24 +47,17 @@ def taught(tiny_lm, tmp_path_factory, teach_lm):
     return teach_lm(tiny_lm, tmp_path_factory.mktemp("lm") / "taught", TAUGHT, SHORT)
 
 
-def tuned_folder(src, dst, **overrides):
-    """A `grape train` output folder: the weights plus grape.json."""
+def tuned_folder(src, dst, retriever="ViT-B-32:laion2b_s34b_b79k", **raw):
+    """A run folder around taught weights (whose exact outputs the tests know), described
+    by the run folder's own writer; `raw` overrides fields in the written JSON."""
     shutil.copytree(src, dst)
-    cfg = {
-        "format": "grape-rewriter",
-        "format_version": 1,
-        "base_model": "Qwen/Qwen2.5-0.5B-Instruct",
-        "adapter": False,
-        "retriever": "ViT-B-32:laion2b_s34b_b79k",
-        "index_fingerprint": "0123456789abcdef",
-        "reward": "rank",
-        "prompt": SHORT.to_dict(),
-        "generation": {"max_new_tokens": 24},
-        "settings": {},
-        "metrics": {},
-        **overrides,
-    }
-    (dst / "grape.json").write_text(json.dumps(cfg))
+    info = RunInfo.for_models(
+        "Qwen/Qwen2.5-0.5B-Instruct", retriever, reward="rank", prompt=SHORT, max_new_tokens=24
+    )
+    info.write(dst)
+    if raw:
+        data = {**json.loads((dst / "grape.json").read_text()), **raw}
+        (dst / "grape.json").write_text(json.dumps(data))
     return dst
 
 
@@ -217,14 +211,33 @@ def test_bad_rewriters_fail_with_one_clear_error(taught, tmp_path):
         load_rewriter(str(pickled))
 
     wrong = tuned_folder(taught, tmp_path / "wrong", format="something-else")
-    with pytest.raises(ModelError, match="not a grape rewriter config"):
+    with pytest.raises(ModelError, match="not a grape rewriter description"):
         load_rewriter(str(wrong))
     future = tuned_folder(taught, tmp_path / "future", format_version=99)
     with pytest.raises(ModelError, match="format version 99"):
-        read_tuned_config(future)
-    orphan = tuned_folder(taught, tmp_path / "orphan", adapter=True, base_model=None)
-    with pytest.raises(ModelError, match="no base_model"):
+        RunInfo.read(future)
+    orphan = tuned_folder(taught, tmp_path / "orphan", adapter=True)
+    data = json.loads((orphan / "grape.json").read_text())
+    del data["base_model"]
+    (orphan / "grape.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="incomplete or malformed"):
         load_rewriter(str(orphan))
+
+
+def test_every_kind_is_registered_once_and_tried_in_order(taught, tmp_path):
+    assert [k.name for k in REWRITER_KINDS] == ["tuned", "causal-lm"]
+    assert isinstance(load_rewriter("none"), IdentityRewriter)
+    run = tuned_folder(taught, tmp_path / "run")
+    assert next(k.name for k in REWRITER_KINDS if k.matches(run)) == "tuned"
+    assert [k.name for k in REWRITER_KINDS if k.matches(taught)] == ["causal-lm"]
+
+
+def test_a_real_run_folder_loads_with_its_prompt_and_retriever(trained_run):
+    r = load_rewriter(str(trained_run["run"]), retriever=trained_run["retriever"])
+    info = RunInfo.read(trained_run["run"])
+    assert r.prompt == info.prompt == trained_run["prompt"]
+    assert r.retriever == trained_run["retriever"] and r.max_new_tokens == 12
+    assert len(r.rewrite(["query 3: a cat on a sofa"])[0]) == 1
 
 
 def test_remote_code_is_not_run_unless_trusted(taught, tmp_path):

@@ -21,13 +21,13 @@ from grape_cli.errors import IndexNotFound, InputError
 from grape_cli.html import render_html
 from grape_cli.index import index_folders
 from grape_cli.models import canonical_clip_spec, load_clip
+from grape_cli.ranking import reciprocal_rank_fusion
 from grape_cli.search import (
     Searcher,
     SearchResult,
     VectorIndex,
     cpu_threads,
     idle_threads,
-    reciprocal_rank_fusion,
     search,
 )
 from grape_cli.store import Store, path_id
@@ -348,7 +348,7 @@ def test_each_bad_input_is_one_clear_error(corpus, tmp_path, tiny_clip, cli):
     one_error(cli("search", "--index", idx), 2, "query is empty")
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
-    one_error(cli("search", "--image", bad, "--index", idx), 2, "cannot read --image")
+    one_error(cli("search", "--image", bad, "--index", idx), 2, "cannot read image")
     one_error(cli("search", "--image", tmp_path / "x.jpg", "--index", idx), 2, "no such file")
     one_error(cli("search", "cat", "--index", idx, "-r", tmp_path / "nope"), 3, "rewriter")
     one_error(cli("search", "cat", "--index", idx, "--backend", "x"), 2, "backend")

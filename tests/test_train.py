@@ -6,66 +6,19 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from grape_cli.errors import InputError, ModelError, TrainingError, UsageError
-from grape_cli.index import index_folders
-from grape_cli.prompt import PromptTemplate
 from grape_cli.train import TrainConfig, TrainingInterrupted, split_pairs, train_rewriter
 
-CAPTIONS = [
-    "a red circle",
-    "a green square",
-    "a dog on the beach",
-    "a cat on a sofa",
-    "a blue background",
-    "a small circle on the left",
-    "a large square at the top",
-    "photo of a sunset",
-]
-# A short prompt keeps the tiny LM's steps fast; the real default is a chat prompt.
-PROMPT = PromptTemplate(system="", user="{query}")
-FAST = dict(steps=4, eval_every=2, group_size=4, queries_per_step=4, max_completion_length=12)
-
-
-def _images(folder, n: int) -> list:
-    rng = np.random.default_rng(3)
-    folder.mkdir(parents=True)
-    paths = [folder / f"img_{i:02d}.png" for i in range(n)]
-    for p in paths:
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(p)
-    return paths
-
-
-def _teach_to_stop(teach_lm, src, dst):
-    """A few supervised steps so the random tiny LM writes short captions and then EOS,
-    as any real rewriter does (a random one never ends and earns the reward's floor)."""
-    examples = {f"query {i}: {c}": c for i, c in enumerate(CAPTIONS)}
-    return teach_lm(src, dst, examples, PROMPT, steps=20)
+from .conftest import FAST, TRAIN_PROMPT
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_clip, tiny_lm, teach_lm):
-    """An index of 16 images, 16 pairs, a rewriter that stops, and a prompt file."""
-    root = tmp_path_factory.mktemp("train-world")
-    photos = _images(root / "photos", 16)
-    index_folders([root / "photos"], root / "index", str(tiny_clip), workers=0)
-    with open(root / "pairs.jsonl", "w") as f:
-        for i, p in enumerate(photos):
-            f.write(json.dumps({"query": f"query {i}: {CAPTIONS[i % 8]}", "target": str(p)}) + "\n")
-    (root / "prompt.json").write_text(json.dumps(PROMPT.to_dict()))
-    return {
-        "root": root,
-        "index": root / "index",
-        "pairs": root / "pairs.jsonl",
-        "lm": _teach_to_stop(teach_lm, tiny_lm, root / "lm"),
-        "prompt": root / "prompt.json",
-        "photos": photos,
-    }
+def world(train_world):
+    return train_world
 
 
 def config(world, out, **kw) -> TrainConfig:
@@ -75,29 +28,26 @@ def config(world, out, **kw) -> TrainConfig:
         base_model=str(world["lm"]),
         out=out,
         eval_split=0.25,
-        prompt=PROMPT,
+        prompt=TRAIN_PROMPT,
         **FAST,
     )
     return TrainConfig(**{**args, **kw})
 
 
-def test_cli_end_to_end_changes_weights_and_writes_every_file(world, tmp_path, cli):
-    out = tmp_path / "runs" / "first"
-    r = cli(
-        "train", world["pairs"], "--index", world["index"], "--base-model", world["lm"],
-        "--steps", 4, "--eval-every", 2, "--group-size", 4, "--queries-per-step", 4,
-        "--max-new-tokens", 12, "--eval-split", 0.25, "--prompt-file", world["prompt"],
-        "--out", out, "--json",
-    )  # fmt: skip
-    assert r.exit_code == 0, r.output
-    result = json.loads(r.stdout)
+def test_cli_end_to_end_changes_weights_and_writes_every_file(trained_run, cli):
+    world, out, result = trained_run, trained_run["run"], trained_run["result"]
     assert result["out"] == str(out.resolve())
     assert result["train_pairs"] == 12 and result["heldout_pairs"] == 4
-    assert result["best_step"] in (2, 4)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    heldout = {r["step"]: r["heldout"] for r in rows if "heldout" in r}
+    assert set(heldout) == {0, 2, 4}
+    # The kept step is the one the held-out score says is best (earliest on a tie).
+    best = max((2, 4), key=lambda s: (heldout[s]["recall@10"], heldout[s]["mrr"], -s))
+    assert result["best_step"] == best and result["after"] == heldout[best]
     assert result["seconds_per_step"] > result["reward_seconds_per_step"] > 0
     for name in (
         "model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
-        "grape.json", "metrics.jsonl", "training.png", "heldout.jsonl",
+        "grape.json", "grape.local.json", "metrics.jsonl", "training.png", "heldout.jsonl",
     ):  # fmt: skip
         assert (out / name).is_file(), name
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -109,25 +59,27 @@ def test_cli_end_to_end_changes_weights_and_writes_every_file(world, tmp_path, c
     assert any(not torch.equal(before[k], after[k]) for k in before), "weights did not change"
 
     meta = json.loads((out / "grape.json").read_text())
-    assert meta["format"] == "grape-rewriter" and meta["format_version"] == 1
+    assert meta["format"] == "grape-rewriter" and meta["format_version"] == 2
     assert meta["adapter"] is False and meta["reward"] == "rank"
-    assert meta["base_model"] == str(world["lm"].resolve())
+    # A local base model is named, not located: its path is a machine-local fact.
+    assert meta["base_model"] == "lm" and meta["base_model_local"] is True
+    local = json.loads((out / "grape.local.json").read_text())
+    assert local["base_model_path"] == str(world["lm"].resolve())
+    assert local["pairs"] == str(world["pairs"].resolve()) and local["out"] == str(out)
+    assert str(world["root"]) not in json.dumps(meta), "grape.json holds no local path"
     from grape_cli.store import Store
 
     store = Store.open(world["index"])
-    assert meta["retriever"] == store.model
+    assert meta["retriever"] == "tiny-clip" and local["retriever_path"] == store.model
     assert meta["index_fingerprint"] == store.fingerprint()
-    assert meta["prompt"] == PROMPT.to_dict()
+    assert meta["prompt"] == TRAIN_PROMPT.to_dict()
     assert meta["generation"] == {"max_new_tokens": 12}
     assert meta["settings"]["group_size"] == 4 and meta["settings"]["learning_rate"] == 1e-4
     m = meta["metrics"]
-    assert set(m["before"]) == {"none", str(world["lm"].resolve())}
-    assert m["after"][str(out.resolve())]["n"] == 4
-    assert m["best_step"] == result["best_step"]
+    assert m["tuned"] == result["after"] and m["none"] == result["none"]
+    assert m["base"] == result["before"] and m["best_step"] == result["best_step"]
 
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    assert "heldout" in rows[0] and "heldout" in rows[2] and "heldout" in rows[4]
     for key in ("reward", "rank_mean", "rank_median", "recall@10", "top_nontarget_cos",
                 "random_cos", "target_cos", "step_seconds"):  # fmt: skip
         assert all(key in r for r in rows[1:]), key
@@ -137,14 +89,6 @@ def test_cli_end_to_end_changes_weights_and_writes_every_file(world, tmp_path, c
         t in map(str, world["photos"]) for h in held for t in h["targets"]
     )
 
-    # The run folder is a rewriter the rest of grape loads.
-    from grape_cli.rewrite import load_rewriter
-
-    rewriter = load_rewriter(str(out), device="cpu")
-    assert rewriter.prompt == PROMPT and rewriter.max_new_tokens == 12
-    assert len(rewriter.rewrite(["a red circle"])[0]) == 1
-
-    # Human output: the before/after table.
     r = cli("train", world["pairs"], "--index", world["index"], "--out", out)
     assert r.exit_code == 2 and "already exists" in r.stderr
 
@@ -173,7 +117,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(world, tmp_path):
     work = tmp_path / "runs" / ".r.partial"
     with pytest.raises(TrainingInterrupted, match="interrupted at step 3") as e:
         train_rewriter(config(world, out), Recorder(stop_at=3))
-    assert "--resume" in e.value.hint
+    assert "`resume`" in e.value.hint  # the CLI shows it as --resume
     assert not out.exists(), "no half-written run folder"
     assert (work / "state.json").is_file() and (work / "checkpoints" / "checkpoint-2").is_dir()
     first = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
@@ -211,7 +155,7 @@ def test_lora_writes_an_adapter_that_loads(world, tmp_path, cli):
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert not (out / "model.safetensors").exists()
     meta = json.loads((out / "grape.json").read_text())
-    assert meta["adapter"] is True and meta["base_model"] == str(world["lm"].resolve())
+    assert meta["adapter"] is True and meta["base_model"] == "lm" and meta["base_model_local"]
     assert meta["metrics"]["best_step"] == 2
     from grape_cli.rewrite import load_rewriter
 
@@ -230,7 +174,7 @@ def test_non_finite_loss_stops_with_one_line_and_stays_resumable(world, tmp_path
     out = tmp_path / "nan"
     with pytest.raises(TrainingError, match="non-finite at step 1") as e:
         train_rewriter(config(world, out))
-    assert "--learning-rate" in e.value.hint
+    assert "`learning_rate`" in e.value.hint
     assert not out.exists()
     assert (tmp_path / ".nan.partial" / "state.json").is_file()  # --resume can pick it up
 
@@ -244,7 +188,7 @@ def test_too_few_pairs_says_how_many_are_needed(world, tmp_path):
     pairs.write_text("\n".join(lines) + "\n")
     with pytest.raises(
         InputError,
-        match=r"4 usable pair\(s\); --eval-split 0.25 needs at least 5 \(4 to train, 1 held out\)",
+        match=r"4 usable pair\(s\); an `eval_split` of 0.25 needs at least 5 \(4 to train, 1 held",
     ):
         train_rewriter(config(world, tmp_path / "x", pairs=pairs))
     assert not list(tmp_path.glob(".*"))  # nothing written
@@ -269,7 +213,7 @@ def test_no_indexed_target_at_all(world, tmp_path):
 def test_separate_eval_pairs_still_need_enough_training_pairs(world, tmp_path):
     few = tmp_path / "few.jsonl"
     few.write_text("\n".join(world["pairs"].read_text().splitlines()[:3]) + "\n")
-    with pytest.raises(InputError, match=r"3 usable training pair.*at least 4"):
+    with pytest.raises(InputError, match=r"0 usable training pair.*at least 4"):
         train_rewriter(config(world, tmp_path / "x", pairs=few, eval_pairs=world["pairs"]))
 
 
@@ -292,9 +236,8 @@ def test_resume_needs_an_unfinished_run(world, tmp_path):
         ({"reward": "ndcg"}, "rank-top"),
         ({"group_size": 1}, "2 or more"),
         ({"temperature": 0}, "above 0"),
-        ({"eval_split": 0.0}, "--eval PAIRS"),
+        ({"eval_split": 0.0}, "`eval_pairs`"),
         ({"beta": -1}, "negative"),
-        ({"loss_type": "ppo"}, "dapo"),
         ({"negatives": 0}, "whole index"),
         ({"learning_rate": 3.0}, "small positive"),
     ],
@@ -303,6 +246,11 @@ def test_config_errors_name_the_fix(kw, words):
     with pytest.raises(UsageError) as e:
         TrainConfig(pairs="p.jsonl", **kw)
     assert words in str(e.value)
+
+
+def test_an_unknown_loss_type_is_left_to_trl_and_reported_in_one_line(world, tmp_path):
+    with pytest.raises(TrainingError, match="Unknown loss type: ppo"):
+        train_rewriter(config(world, tmp_path / "x", loss_type="ppo"))
 
 
 def test_cli_rejects_unknown_reward(cli, tmp_path):
@@ -316,3 +264,119 @@ def test_split_is_seeded_and_disjoint():
     assert a != split_pairs(list(range(50)), 0.1, seed=2)
     train, held = a
     assert len(held) == 5 and not set(train) & set(held)
+
+
+# ----------------------------------------------------------------------------- learning
+
+POOL = ["a red circle", "a green square", "a blue background", "a dog on the beach"]
+
+
+def test_grpo_improves_heldout_recall_on_a_learnable_task(tmp_path, tiny_clip, tiny_lm, teach_lm):
+    """The base rewriter answers with one of four captions; its greedy one ranks the target
+    outside the top 10, another ranks it near the top. GRPO with the rank reward must find
+    that out from the reward alone and lift held-out Recall@10 (queries it never saw)."""
+    import numpy as np
+
+    from grape_cli.index import index_folders
+    from grape_cli.models import load_clip
+    from grape_cli.rewrite import load_rewriter
+    from grape_cli.store import Store
+
+    from .conftest import noise_images
+
+    noise_images(tmp_path / "photos", 64)
+    index_folders([tmp_path / "photos"], tmp_path / "index", str(tiny_clip), workers=0)
+    lm = teach_lm(tiny_lm, tmp_path / "lm", {f"query {i}": POOL[i % 4] for i in range(8)},
+                  TRAIN_PROMPT, steps=20)  # fmt: skip
+    greedy = load_rewriter(str(lm), prompt=TRAIN_PROMPT).rewrite(["query 21"])[0][0]
+    store = Store.open(tmp_path / "index")
+    meta, corpus = store.load_matrix(("path",))
+    sims = load_clip(store.model, "cpu").encode_texts(POOL).numpy() @ corpus.T
+    ranks = np.array([[int((s >= s[j]).sum()) for j in range(len(corpus))] for s in sims])
+    g = POOL.index(greedy)
+    # The target: outside the greedy caption's top 10, best reachable with another caption.
+    target = min(
+        (j for j in range(len(corpus)) if ranks[g, j] > 10),
+        key=lambda j: min(ranks[w, j] for w in range(4) if w != g),
+    )
+    assert min(ranks[w, target] for w in range(4) if w != g) <= 5, "a caption reaches it"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"query": f"query {i}", "target": meta["path"][target]}) + "\n"
+            for i in range(24)
+        )
+    )
+    result = train_rewriter(
+        TrainConfig(
+            pairs=pairs, index=tmp_path / "index", base_model=str(lm), out=tmp_path / "run",
+            prompt=TRAIN_PROMPT, steps=40, eval_every=5, group_size=8, queries_per_step=4,
+            max_completion_length=10, eval_split=0.25, learning_rate=1e-3,
+        )
+    )  # fmt: skip
+    assert result.before["recall@10"] == 0.0
+    assert result.after["recall@10"] >= 0.5, result.after
+    assert result.after["median_rank"] < result.before["median_rank"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def steps_logged(folder) -> list[int]:
+    return [json.loads(x)["step"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_before_the_first_checkpoint_and_again_each_step_appears_once(world, tmp_path):
+    out, work = tmp_path / "r", tmp_path / ".r.partial"
+    with pytest.raises(TrainingInterrupted, match="no checkpoint yet"):
+        train_rewriter(config(world, out, eval_every=3), Recorder(stop_at=1))
+    assert steps_logged(work) == [0]  # the interrupt came before step 1 was logged
+    for stop in (2, 4):  # resumed and killed again: once before, once after a checkpoint
+        with pytest.raises(TrainingInterrupted):
+            train_rewriter(config(world, out, resume=True, eval_every=3), Recorder(stop_at=stop))
+    train_rewriter(config(world, out, resume=True, eval_every=3))
+    assert steps_logged(out) == [0, 1, 2, 3, 4]
+
+
+def test_sigkill_mid_run_then_resume_logs_every_step_once(world, tmp_path):
+    """A real `grape train` process killed with SIGKILL (no cleanup runs), then resumed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "grape_cli", "train", world["pairs"], "--index", world["index"],
+        "--base-model", world["lm"], "--steps", 6, "--eval-every", 3, "--group-size", 4,
+        "--queries-per-step", 4, "--max-new-tokens", 12, "--eval-split", 0.25,
+        "--prompt-file", world["prompt"], "--out", out,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(a) for a in args], env=env, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / ".run.partial" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:  # past step 3
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(steps_logged(tmp_path / ".run.partial"))
+    assert 3 <= killed_at < 6
+    done = subprocess.run([str(a) for a in [*args, "--resume"]], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert steps_logged(out) == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_an_over_long_query_is_named_not_left_to_a_transformers_warning(world, tmp_path):
+    pairs = tmp_path / "long.jsonl"
+    long_query = "a very long and rambling query about a red circle " * 80
+    lines = world["pairs"].read_text().splitlines()
+    lines[0] = json.dumps({"query": long_query, "target": json.loads(lines[0])["target"]})
+    pairs.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"1 training quer\(ies\) are too long") as e:
+        train_rewriter(config(world, tmp_path / "x", pairs=pairs, eval_split=0.1))
+    assert "a very long and rambling" in e.value.message and "512 tokens" in e.value.message

@@ -32,7 +32,8 @@ def heldout_inflation(per_query: Path, spec: str, index_dir: Path, clip) -> dict
     """Score inflation of one rewriter's held-out rewrites, measured as in training."""
     import torch
 
-    from grape_cli.reward import inflation, score_rewrites
+    from grape_cli.ranking import score_targets
+    from grape_cli.reward import inflation
     from grape_cli.store import Store
 
     meta, matrix = Store.open(index_dir).load_matrix(("path",))
@@ -44,7 +45,7 @@ def heldout_inflation(per_query: Path, spec: str, index_dir: Path, clip) -> dict
     corpus = torch.from_numpy(matrix)
     q = clip.encode_texts(texts)
     ref = corpus[torch.randperm(len(corpus), generator=torch.Generator().manual_seed(0))[:256]]
-    out = inflation(score_rewrites(q, corpus, targets), q, ref)
+    out = inflation(score_targets(q, corpus, targets), q, ref)
     out["clean"] = clean_fraction(texts, clip)
     return out
 

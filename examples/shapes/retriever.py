@@ -2,7 +2,8 @@
 
 The retriever sees only `caption_en` text, so Chinese and long-form queries are a real
 shift for it. Its image tower is open_clip's ModifiedResNet ("resnet" preset): a 16-px
-ViT patch on a 64-px image loses small shapes and never learned position (stack notes).
+ViT patch on a 64-px image loses small shapes and never learned position (measured with
+`attribute_sensitivity` below while building this example).
 Half of each batch is groups of scenes that differ in exactly one attribute; with only
 random negatives, contrastive training can lean on the easy attributes (colours) and
 ignore the rest, and a GRPO reward built on such a retriever cannot teach the rest.
@@ -234,14 +235,12 @@ def encode_corpus(clip, corpus_dir) -> tuple[list[Scene], object]:
 
 
 def recall(image_feats, text_feats, targets: list[int], ks=(1, 5, 10)) -> dict:
-    """Recall@k of each query's target among all images (ties count against it)."""
-    import torch
+    """Recall@k of each query's target among all images, ranked as grape ranks everywhere
+    (`grape_cli.ranking`: ties count against the target)."""
+    from grape_cli.ranking import score_targets
 
-    sims = text_feats @ image_feats.T
-    t = torch.tensor(targets)
-    target_sim = sims[torch.arange(len(t)), t]
-    rank = (sims > target_sim[:, None]).sum(1)  # 0 = first
-    return {f"recall@{k}": round(float((rank < k).float().mean()), 4) for k in ks}
+    rank = score_targets(text_feats, image_feats, [[t] for t in targets], top_k=0).ranks
+    return {f"recall@{k}": round(float((rank <= k).float().mean()), 4) for k in ks}
 
 
 def evaluate_retriever(

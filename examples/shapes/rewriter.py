@@ -23,9 +23,9 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   object's colour with the background's in about half of them (not by design: a tiny
   model's limit at this training budget, like a small LLM's on rambling text).
 
-GRPO can only amplify what the policy already samples (shared stack notes: with the
-right word in none of the supervised targets, GRPO went nowhere; with 5% it reached the
-oracle). So each attribute gets the retriever's exact word in `P_EXACT` of targets, and
+GRPO can only amplify what the policy already samples (measured while building this
+example: with the right word in none of the supervised targets, GRPO went nowhere; with
+5% it reached the oracle). So each attribute gets the retriever's exact word in `P_EXACT` of targets, and
 `P_ORACLE` of targets are the retriever's own caption (`caption_en`): about 9% per
 attribute. Greedy decoding says the synonym; sampling at temperature 1 finds the exact
 word now and then.

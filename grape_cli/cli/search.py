@@ -127,7 +127,7 @@ def search_cmd(
         print_json(result.to_dict())
     else:
         if result.query:
-            console.print(f"[bold]query[/]: {escape(result.query)}", highlight=False)
+            console.print(f"[bold]query[/]: {escape(shorten(result.query))}", highlight=False)
         if result.rewriter != "none":
             for i, text in enumerate(result.rewrites, start=1):
                 label = f"rewrite {i}" if len(result.rewrites) > 1 else "rewrite"
@@ -152,6 +152,15 @@ def search_cmd(
             "  ".join(f"{name} {sec * 1000:.0f} ms" for name, sec in result.timings.items())
         )
     _end_process()
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """A long text as its start and its length: a 100,000-character query is not echoed.
+
+    >>> shorten("abcdef", limit=4)
+    'abcd… (6 characters)'
+    """
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
 def _cell(value, delta=None, lower_is_better: bool = False, fmt: str = "{:.3f}") -> str:

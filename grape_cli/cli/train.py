@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,6 +20,13 @@ from rich.table import Table
 from grape_cli.cli import app
 from grape_cli.cli.render import console, err_console, print_json
 from grape_cli.cli.search import INDEX_HELP, PROMPT_HELP, _cell, _prompt
+from grape_cli.errors import GrapeError
+from grape_cli.reward import REWARDS
+from grape_cli.train.config import TrainConfig, defaults_of
+
+D = defaults_of(TrainConfig)  # every default has one owner: the library's config
+# Config fields whose flag is not simply --field-name.
+FLAGS = {"max_completion_length": "--max-new-tokens", "eval_pairs": "--eval", "pairs": "PAIRS"}
 
 
 class TrainBar:
@@ -65,56 +74,98 @@ class TrainBar:
             self._progress.update(self._task, stats="  ".join(parts))
 
 
+def flag_of(field: str) -> str:
+    """
+    >>> flag_of("learning_rate"), flag_of("max_completion_length")
+    ('--learning-rate', '--max-new-tokens')
+    """
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def flagify(text: str | None) -> str | None:
+    """A library message names config fields in backticks; on the command line, flags.
+
+    >>> flagify("`steps` 0: use `eval_pairs`")
+    '--steps 0: use --eval'
+    """
+    if not text:
+        return text
+    return re.sub(
+        r"`([a-z_]+)`",
+        lambda m: flag_of(m.group(1)) if m.group(1) in D or m.group(1) == "pairs" else m.group(0),
+        text,
+    )
+
+
 @app.command("train")
 def train_cmd(
     pairs: Path = typer.Argument(
         ...,
         help='Query/target pairs: JSON Lines {"query": ..., "target": PATH} (or "targets": '
-        "[...]), or CSV/TSV with query,target columns.",
+        '[...], and "image" for a reference image), or CSV/TSV with query,target columns.',
     ),
     index: Path = typer.Option(None, "--index", envvar="GRAPE_INDEX", help=INDEX_HELP),
     base_model: str = typer.Option(
-        "Qwen/Qwen2.5-0.5B-Instruct", "--base-model", help="Rewriter to tune: Hub id or folder."
+        D["base_model"], "--base-model", help="Rewriter to tune: Hub id or folder."
     ),
     reward: str = typer.Option(
-        "rank",
+        D["reward"],
         "--reward",
-        help="rank: 1-(r-1)/(N-1), the target's rank among all N images (GRAPE); rank-top: "
-        "1/log2(r+1), for the first page; similarity: cosine to the target (naive ablation).",
+        help="; ".join(f"{name}: {spec.description}" for name, spec in REWARDS.items()) + ".",
     ),
-    steps: int = typer.Option(300, "--steps", help="GRPO steps."),
-    group_size: int = typer.Option(8, "--group-size", help="Rewrites sampled per query."),
-    queries_per_step: int = typer.Option(8, "--queries-per-step", help="Queries per step."),
-    beta: float = typer.Option(0.0, "--beta", help="KL coefficient (0: no reference model)."),
+    steps: int = typer.Option(D["steps"], "--steps", help="GRPO steps."),
+    group_size: int = typer.Option(
+        D["group_size"], "--group-size", help="Rewrites sampled per query."
+    ),
+    queries_per_step: int = typer.Option(
+        D["queries_per_step"], "--queries-per-step", help="Queries per step."
+    ),
+    beta: float = typer.Option(D["beta"], "--beta", help="KL coefficient (0: no reference model)."),
     learning_rate: float = typer.Option(
-        None,
+        D["learning_rate"],
         "--learning-rate",
         help="Default by model size: 1e-4 under 50M parameters, else 1e-5 with --lora, 1e-6 without.",
     ),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature."),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Longest rewrite, tokens."),
-    loss_type: str = typer.Option("dapo", "--loss-type", help="dapo, grpo, dr_grpo or bnpo."),
-    lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter, not the full model."),
-    lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank (alpha is twice it)."),
+    temperature: float = typer.Option(
+        D["temperature"], "--temperature", help="Sampling temperature."
+    ),
+    max_new_tokens: int = typer.Option(
+        D["max_completion_length"], "--max-new-tokens", help="Longest rewrite, tokens."
+    ),
+    loss_type: str = typer.Option(
+        D["loss_type"], "--loss-type", help="TRL's GRPO loss: dapo, grpo, dr_grpo, bnpo, ..."
+    ),
+    lora: bool = typer.Option(
+        D["lora"], "--lora", help="Train a LoRA adapter, not the full model."
+    ),
+    lora_rank: int = typer.Option(
+        D["lora_rank"], "--lora-rank", help="LoRA rank (alpha is twice it)."
+    ),
     eval_split: float = typer.Option(
-        0.1, "--eval-split", help="Fraction of PAIRS held out to pick the best checkpoint."
+        D["eval_split"],
+        "--eval-split",
+        help="Fraction of PAIRS held out to pick the best checkpoint.",
     ),
     eval_pairs: Path = typer.Option(
         None, "--eval", help="Held-out pairs file (instead of --eval-split)."
     ),
     eval_every: int = typer.Option(
-        50, "--eval-every", help="Steps between held-out evaluations and checkpoints."
+        D["eval_every"], "--eval-every", help="Steps between held-out evaluations and checkpoints."
     ),
     negatives: int = typer.Option(
-        None,
+        D["negatives"],
         "--negatives",
         help="Rank among K sampled images instead of the whole index (approximate; for "
         "very large indexes).",
     ),
     format_weight: float = typer.Option(
-        0.5, "--format-weight", help="Weight of the penalty for empty, multi-line or long rewrites."
+        D["format_weight"],
+        "--format-weight",
+        help="Weight of the penalty for empty, multi-line or long rewrites.",
     ),
-    out: Path = typer.Option(None, "--out", help="Run folder. Default: runs/<date-time>."),
+    out: Path = typer.Option(
+        None, "--out", help="Run folder. Default: <index>/rewriters/<date-time>."
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the unfinished run in --out (default: the latest)."
     ),
@@ -127,57 +178,66 @@ def train_cmd(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow the base model's own Python code (trusted only)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling and initialisation."),
+    seed: int = typer.Option(
+        D["seed"], "--seed", help="Seed of the split, sampling and initialisation."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Tune a query rewriter with GRPO so that the index ranks your targets higher.
 
     The reward is where the frozen retriever ranks each pair's target image among the
     whole index under the rewritten query. The checkpoint with the best held-out
-    Recall@10 is kept in --out with grape.json, metrics.jsonl and training.png; use it
-    with `grape search --rewriter runs/NAME`. Ctrl-C is safe: add --resume to continue.
-    Several GPUs: `accelerate launch --num_processes N $(which grape) train ...`.
+    Recall@10 is kept in the run folder with grape.json, metrics.jsonl and training.png;
+    use it with `grape search --rewriter RUN_FOLDER`. Ctrl-C is safe: add --resume to
+    continue. Several GPUs: `accelerate launch --num_processes N $(which grape) train ...`.
     """
     from transformers.utils import logging as hf_logging
 
-    from grape_cli.train import TrainConfig, train_rewriter
+    from grape_cli.train import train_rewriter
 
     hf_logging.disable_progress_bar()  # one bar here: ours (weights load and save often)
-
-    config = TrainConfig(
-        pairs=pairs,
-        index=index,
-        base_model=base_model,
-        reward=reward,
-        steps=steps,
-        group_size=group_size,
-        queries_per_step=queries_per_step,
-        beta=beta,
-        learning_rate=learning_rate,
-        temperature=temperature,
-        max_completion_length=max_new_tokens,
-        loss_type=loss_type,
-        lora=lora,
-        lora_rank=lora_rank,
-        eval_split=eval_split,
-        eval_pairs=eval_pairs,
-        eval_every=eval_every,
-        out=out,
-        resume=resume,
-        strict=strict,
-        negatives=negatives,
-        format_weight=format_weight,
-        prompt=_prompt(prompt_file),
-        device=device,
-        use_vllm=use_vllm,
-        trust_remote_code=trust_remote_code,
-        seed=seed,
-    )
-    with TrainBar(enabled=not json_out) as progress:
-        result = train_rewriter(config, progress)
+    try:
+        config = TrainConfig(
+            pairs=pairs,
+            index=index,
+            base_model=base_model,
+            reward=reward,
+            steps=steps,
+            group_size=group_size,
+            queries_per_step=queries_per_step,
+            beta=beta,
+            learning_rate=learning_rate,
+            temperature=temperature,
+            max_completion_length=max_new_tokens,
+            loss_type=loss_type,
+            lora=lora,
+            lora_rank=lora_rank,
+            eval_split=eval_split,
+            eval_pairs=eval_pairs,
+            eval_every=eval_every,
+            out=out,
+            resume=resume,
+            strict=strict,
+            negatives=negatives,
+            format_weight=format_weight,
+            prompt=_prompt(prompt_file),
+            device=device,
+            use_vllm=use_vllm,
+            trust_remote_code=trust_remote_code,
+            seed=seed,
+        )
+        with TrainBar(enabled=not json_out) as progress:
+            result = train_rewriter(config, progress)
+    except GrapeError as e:
+        e.message, e.hint = flagify(e.message), flagify(e.hint)
+        raise
     if json_out:
         print_json(result.to_dict())
         return
+    _render(result)
+
+
+def _render(result) -> None:
     table = Table(
         title=f"grape train: {result.heldout_pairs} held-out pairs "
         f"({result.train_pairs} trained on), reward {result.reward}",
@@ -188,7 +248,7 @@ def train_cmd(
     none = result.none
     for name, m in (
         ("none", result.none),
-        (f"{base_model} (before)", result.before),
+        (f"{result.base_model} (before)", result.before),
         (f"{result.out} (step {result.best_step})", result.after),
     ):
         d = (
@@ -197,12 +257,16 @@ def train_cmd(
             else {}
         )
         table.add_row(
-            name,
+            escape(name),
             *(_cell(m[f"recall@{k}"], d.get(f"recall@{k}")) for k in (1, 5, 10)),
             _cell(m["mrr"], d.get("mrr")),
             _cell(m["median_rank"], d.get("median_rank"), lower_is_better=True, fmt="{:g}"),
         )
     console.print(table)
+    _render_speed_and_inflation(result)
+
+
+def _render_speed_and_inflation(result) -> None:
     share = (
         result.reward_seconds_per_step / result.seconds_per_step if result.seconds_per_step else 0
     )
