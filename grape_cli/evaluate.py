@@ -134,7 +134,7 @@ def evaluate_rewriter(
 def evaluate(
     pairs_path: str | Path,
     index_dir: str | Path | None = None,
-    rewriters: Sequence[str] = (BASELINE,),
+    rewriters: Sequence[str] = (),  # none given: the index's default rewriter, if any
     *,
     device: str | None = None,
     strict: bool = False,
@@ -150,8 +150,8 @@ def evaluate(
     """Evaluate `rewriters` (the baseline `none` is added first) on a pairs file."""
     started = time.perf_counter()
     pairs_file = read_pairs(pairs_path)  # bad input fails before any model is loaded
-    specs = list(dict.fromkeys([BASELINE, *(r or BASELINE for r in rewriters)]))
     store = Store.open(index_dir or default_index_dir())
+    specs = _specs(store, rewriters)
     report, matched, corpus = _prepare(pairs_path, pairs_file, store, strict)
 
     from grape_cli.models import load_clip, pick_device
@@ -191,6 +191,15 @@ def evaluate(
         write_per_query(report.per_query, pairs_file.pairs, matched, specs, outputs)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _specs(store: Store, rewriters: Sequence[str]) -> list[str]:
+    """`none` first, then each rewriter asked for, or else the index's default one."""
+    if not rewriters:
+        from grape_cli.rewriters import resolve
+
+        rewriters = [resolve(store.root, None, store.model)[0]]
+    return list(dict.fromkeys([BASELINE, *(r or BASELINE for r in rewriters)]))
 
 
 def _prepare(pairs_path, pairs_file, store: Store, strict: bool):

@@ -58,6 +58,7 @@ class SearchResult:
     image: str | None = None
     image_weight: float | None = None
     score_kind: str = "cosine"  # or "rrf"
+    rewriter_default: bool = False  # the index's default rewriter (no --rewriter given)
     backend: str = "faiss"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
@@ -182,7 +183,7 @@ class Searcher:
         self,
         index_dir: str | Path | None = None,
         *,
-        rewriter: str | None = "none",
+        rewriter: str | None = None,  # None: the index's default rewriter, if it has one
         device: str | None = None,
         prompt: PromptTemplate | None = None,
         trust_remote_code: bool = False,
@@ -210,7 +211,9 @@ class Searcher:
             )
         from grape_cli.models import load_clip, pick_device
         from grape_cli.rewrite import load_rewriter
+        from grape_cli.rewriters import resolve
 
+        rewriter, self.rewriter_default = resolve(root, rewriter, self.store.model)
         self.device = pick_device(device)
         self.threads = threads  # None: the idle cores, decided at each step
         if backend == "auto":
@@ -329,6 +332,7 @@ class Searcher:
             image=query.image,
             image_weight=query.image_weight if (query.image is not None and texts) else None,
             score_kind=kind,
+            rewriter_default=self.rewriter_default,
             backend=self.backend,
             timings={**self.timings, **timings},
         )
@@ -357,7 +361,7 @@ def search(
     index_dir: str | Path | None = None,
     k: int = 10,
     *,
-    rewriter: str | None = "none",
+    rewriter: str | None = None,
     rewrites: int = 1,
     image: str | Path | None = None,
     image_weight: float = 1.0,
@@ -374,7 +378,7 @@ def search(
     check_query(query, k, rewrites)
     searcher = Searcher(
         index_dir,
-        rewriter=rewriter if query.text else None,  # an image alone needs no rewriter
+        rewriter=rewriter if query.text else "none",  # an image alone needs no rewriter
         device=device,
         prompt=prompt,
         trust_remote_code=trust_remote_code,

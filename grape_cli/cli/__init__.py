@@ -42,6 +42,7 @@ app = typer.Typer(
 # Each module registers its commands on `app`.
 from grape_cli.cli import hub as _hub  # noqa: E402, F401
 from grape_cli.cli import index as _index  # noqa: E402, F401
+from grape_cli.cli import rewriters as _rewriters  # noqa: E402, F401
 from grape_cli.cli import search as _search  # noqa: E402, F401
 from grape_cli.cli import train as _train  # noqa: E402, F401
 

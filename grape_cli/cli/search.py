@@ -56,7 +56,12 @@ def search_cmd(
     index: Path = typer.Option(None, "--index", envvar="GRAPE_INDEX", help=INDEX_HELP),
     k: int = typer.Option(10, "-k", "--top-k", min=1, help="Number of results."),
     rewriter: str = typer.Option(
-        "none", "--rewriter", "-r", envvar="GRAPE_REWRITER", help=REWRITER_HELP
+        None,
+        "--rewriter",
+        "-r",
+        envvar="GRAPE_REWRITER",
+        help=REWRITER_HELP
+        + " Default: the index's default rewriter (`grape rewriters`), else none.",
     ),
     rewrites: int = typer.Option(
         1,
@@ -102,7 +107,7 @@ def search_cmd(
     """Search the indexed photos; shows what the rewriter turned the query into."""
     from grape_cli.search import search
 
-    _quiet_transformers([rewriter])
+    _quiet_transformers([rewriter or "default"])
     result = search(
         query,
         index,
@@ -126,13 +131,19 @@ def search_cmd(
     if json_out:
         print_json(result.to_dict())
     else:
+        if result.rewriter_default:
+            err_console.print(
+                f"rewriter: {escape(_display_name(result.rewriter))}, the index's default "
+                "(--rewriter none to search without it)",
+                highlight=False,
+            )
         if result.query:
             console.print(f"[bold]query[/]: {escape(shorten(result.query))}", highlight=False)
         if result.rewriter != "none":
             for i, text in enumerate(result.rewrites, start=1):
                 label = f"rewrite {i}" if len(result.rewrites) > 1 else "rewrite"
                 console.print(
-                    f"[bold cyan]{label}[/] ({escape(result.rewriter)}): {escape(text)}",
+                    f"[bold cyan]{label}[/] ({escape(_display_name(result.rewriter))}): {escape(text)}",
                     highlight=False,
                 )
         if result.image:
@@ -197,7 +208,11 @@ def eval_cmd(
     ),
     index: Path = typer.Option(None, "--index", envvar="GRAPE_INDEX", help=INDEX_HELP),
     rewriter: list[str] = typer.Option(
-        [], "--rewriter", "-r", help=REWRITER_HELP + " Repeatable; none is always included."
+        [],
+        "--rewriter",
+        "-r",
+        help=REWRITER_HELP + " Repeatable; none is always included. Default: the index's "
+        "default rewriter, if it has one.",
     ),
     rewrites: int = typer.Option(
         1, "--rewrites", min=1, help="Sample N rewrites per query and fuse their rankings."
@@ -221,7 +236,7 @@ def eval_cmd(
     from grape_cli.evaluate import evaluate
     from grape_cli.pairs import describe_missing
 
-    _quiet_transformers(rewriter)
+    _quiet_transformers(rewriter or ["default"])
     with RichProgress(unit="q", enabled=not json_out) as progress:
         report = evaluate(
             pairs,

@@ -264,6 +264,13 @@ def _render(result) -> None:
         )
     console.print(table)
     _render_speed_and_inflation(result)
+    if result.default:
+        console.print(
+            f"this rewriter is now the index's default (held-out R@10 "
+            f"{result.after['recall@10']:.3f}): `grape search` uses it; "
+            "`grape rewriters` lists the others",
+            highlight=False,
+        )
 
 
 def _render_speed_and_inflation(result) -> None:

@@ -165,6 +165,7 @@ class TrainResult:
     inflation: dict = field(default_factory=dict)  # {"first": {...}, "last": {...}}
     seconds: float = 0.0
     base_model: str = ""
+    default: bool = False  # it became the index's default rewriter
 
     def to_dict(self) -> dict:
         return asdict(self)

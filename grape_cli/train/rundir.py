@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from grape_cli.errors import UsageError
+from grape_cli.rewriters import runs_dir
 
 STATE = "state.json"
 METRICS = "metrics.jsonl"
 BEST = "best.json"
-RUNS = "rewriters"  # runs live with the index they were trained against
 
 
 @dataclass
@@ -38,11 +38,6 @@ class RunDirs:
     @property
     def metrics(self) -> Path:
         return self.work / METRICS
-
-
-def runs_dir(index_root: Path) -> Path:
-    """The folder of an index's rewriters."""
-    return Path(index_root) / RUNS
 
 
 def run_dirs(out: str | Path | None, resume: bool, index_root: Path) -> RunDirs:

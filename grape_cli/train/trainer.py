@@ -117,7 +117,12 @@ def _train(config: TrainConfig, progress: TrainProgress) -> TrainResult:
     _run_trainer(trainer, run, checkpoint)
     if trainer.accelerator.is_main_process:
         _finish(config, run, state, corpus, callback.best, prompt)
-    return _result(config, run, state, callback, lr, started)
+    result = _result(config, run, state, callback, lr, started)
+    if trainer.accelerator.is_main_process and callback.best:
+        from grape_cli.rewriters import promote_if_better
+
+        result.default = promote_if_better(corpus.store.root, run.out, callback.best["metrics"])
+    return result
 
 
 def _open_corpus(index_root: Path, state: dict | None) -> _Corpus:

@@ -1,0 +1,54 @@
+"""The three-command flow as the README writes it: index, train, search, with no flag
+naming a run: the trained rewriter becomes the index's default and search uses it."""
+
+from __future__ import annotations
+
+import json
+
+from grape_cli.errors import IndexMismatch
+from grape_cli.runfolder import RunInfo
+
+
+def test_index_train_search_uses_the_trained_rewriter(train_world, tiny_clip, cli, tmp_path):
+    w = train_world
+    r = cli("index", w["root"] / "photos", "--model", tiny_clip)
+    assert r.exit_code == 0, r.output
+    r = cli(
+        "train", w["pairs"], "--base-model", w["lm"], "--steps", 4, "--eval-every", 2,
+        "--group-size", 4, "--queries-per-step", 4, "--max-new-tokens", 12,
+        "--eval-split", 0.25, "--prompt-file", w["prompt"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "now the index's default" in r.stdout
+
+    r = cli("search", "夕阳下的猫", "-k", 3)
+    assert r.exit_code == 0, r.output
+    assert "the index's default" in r.stderr and "rewrite (2" in r.stdout.replace("\n", " ")
+
+    r = cli("search", "夕阳下的猫", "-k", 3, "--rewriter", "none", "--json")
+    assert json.loads(r.stdout)["rewriter"] == "none"
+
+    r = cli("rewriters", "--json")
+    (entry,) = json.loads(r.stdout)
+    assert entry["default"] and entry["reward"] == "rank" and entry["recall_at_10"] is not None
+    assert "*" in cli("rewriters").stdout
+
+    # eval without --rewriter: none and the default, side by side
+    r = cli("eval", w["pairs"], "--json")
+    assert [row["rewriter"] for row in json.loads(r.stdout)["rows"]] == ["none", entry["path"]]
+
+    # A default tuned for another retriever is refused in one line.
+    info = RunInfo.read(entry["path"])
+    info.retriever, info.local.retriever_path = "ViT-B-32:openai", None
+    info.write(entry["path"])
+    r = cli("search", "a cat")
+    assert r.exit_code == IndexMismatch.exit_code and "tuned for ViT-B-32:openai" in r.stderr
+    assert "Traceback" not in r.output
+
+    assert cli("rewriters", "use", "none").exit_code == 0
+    r = cli("search", "a cat", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["rewriter"] == "none"
+    assert cli("rewriters", "use", "nope").exit_code == 2
+    r = cli("rewriters", "rm", entry["name"])
+    assert r.exit_code == 0 and not (tmp_path / "x").exists()
+    assert json.loads(cli("rewriters", "--json").stdout) == []
