@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from grape_cli.cli import app
-from grape_cli.cli.render import RichProgress, console, print_json
+from grape_cli.cli.progress import progress_for
+from grape_cli.cli.render import console, print_json
 
 INDEX_HELP = "Index folder. Default: $GRAPE_INDEX, else $GRAPE_HOME/index."
 
@@ -50,7 +51,7 @@ def index_cmd(
     """
     from grape_cli.index import index_folders
 
-    with RichProgress(enabled=not json_out) as progress:
+    with progress_for("img", enabled=not json_out) as progress:
         summary = index_folders(
             paths,
             index,

@@ -9,7 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from grape_cli.cli import app
-from grape_cli.cli.render import RichProgress, console, err_console, print_json
+from grape_cli.cli.progress import progress_for
+from grape_cli.cli.render import console, err_console, print_json
 from grape_cli.errors import InputError
 
 INDEX_HELP = "Index folder. Default: $GRAPE_INDEX, else $GRAPE_HOME/index."
@@ -237,7 +238,7 @@ def eval_cmd(
     from grape_cli.pairs import describe_missing
 
     _quiet_transformers(rewriter or ["default"])
-    with RichProgress(unit="q", enabled=not json_out) as progress:
+    with progress_for("q", enabled=not json_out) as progress:
         report = evaluate(
             pairs,
             index,

@@ -18,6 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from grape_cli.cli import app
+from grape_cli.cli.progress import TRAIN_FIELDS, progress_for
 from grape_cli.cli.render import console, err_console, print_json
 from grape_cli.cli.search import INDEX_HELP, PROMPT_HELP, _cell, _prompt
 from grape_cli.errors import GrapeError
@@ -63,11 +64,7 @@ class TrainBar:
     def update(self, fields: dict) -> None:
         parts = [
             f"{label} {fields[key]:{fmt}}"
-            for key, label, fmt in (
-                ("reward", "reward", ".3f"),
-                ("rank", "rank", ".1f"),
-                ("heldout_r10", "held-out R@10", ".2f"),
-            )
+            for key, label, fmt in TRAIN_FIELDS
             if fields.get(key) is not None
         ]
         if self._task is not None:
@@ -226,7 +223,7 @@ def train_cmd(
             trust_remote_code=trust_remote_code,
             seed=seed,
         )
-        with TrainBar(enabled=not json_out) as progress:
+        with progress_for("step", enabled=not json_out, train=True) as progress:
             result = train_rewriter(config, progress)
     except GrapeError as e:
         e.message, e.hint = flagify(e.message), flagify(e.hint)
