@@ -228,6 +228,8 @@ def train_cmd(
     except GrapeError as e:
         e.message, e.hint = flagify(e.message), flagify(e.hint)
         raise
+    if not result.main_process:
+        return  # with `accelerate launch`, the main process reports for all
     if json_out:
         print_json(result.to_dict())
         return

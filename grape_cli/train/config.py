@@ -166,6 +166,7 @@ class TrainResult:
     seconds: float = 0.0
     base_model: str = ""
     default: bool = False  # it became the index's default rewriter
+    main_process: bool = True  # False in the other processes of a multi-process run
 
     def to_dict(self) -> dict:
         return asdict(self)

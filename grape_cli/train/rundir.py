@@ -40,9 +40,10 @@ class RunDirs:
         return self.work / METRICS
 
 
-def run_dirs(out: str | Path | None, resume: bool, index_root: Path) -> RunDirs:
+def run_dirs(out: str | Path | None, resume: bool, index_root: Path, check: bool = True) -> RunDirs:
     """The run's folders; `out=None` is a new dated run under the index (or, with
-    `resume`, its latest unfinished one)."""
+    `resume`, its latest unfinished one). `check=False` (a training process other than
+    the main one) takes the folders as named, since the main process prepares them."""
     runs = runs_dir(index_root)
     if out is None and resume:
         partials = sorted(runs.glob(".*.partial"), key=lambda p: p.stat().st_mtime)
@@ -51,6 +52,8 @@ def run_dirs(out: str | Path | None, resume: bool, index_root: Path) -> RunDirs:
         out = runs / partials[-1].name[1 : -len(".partial")]
     out = Path(out or runs / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
     work = out.parent / f".{out.name}.partial"
+    if not check:
+        return RunDirs(out, work)
     if out.exists():
         raise UsageError(
             f"run folder {out} already exists" + (" (that run finished)" if resume else ""),
@@ -97,10 +100,12 @@ def checkpoint_step(checkpoint: Path | None) -> int:
 def read_rows(path: Path, upto: int | None = None) -> list[dict]:
     """metrics.jsonl's rows, one per step in step order (a later row of a step replaces an
     earlier one; a line cut short by a kill is skipped)."""
-    if not path.is_file():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:  # not written yet, or moved into the finished run folder
         return []
     by_step: dict[int, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except ValueError:

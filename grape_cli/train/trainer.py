@@ -69,7 +69,15 @@ def _train(config: TrainConfig, progress: TrainProgress) -> TrainResult:
     from grape_cli.store import default_index_dir
 
     index_root = Path(config.index or default_index_dir()).expanduser().resolve()
-    run = run_dirs(config.out, config.resume, index_root)
+    rank, world = launch_rank()
+    if world > 1 and config.out is None:  # each process would date its own folder
+        raise UsageError(
+            f"{world} training processes need one run folder named in advance",
+            "name it with `out`",
+        )
+    run = run_dirs(config.out, config.resume, index_root, check=rank == 0)
+    if rank != 0:
+        progress = NoProgress()  # one progress display, the main process's
     state = read_json(run.work / STATE) if config.resume else None
     if state:
         config, ignored = config.resumed(state["settings"])
@@ -118,11 +126,21 @@ def _train(config: TrainConfig, progress: TrainProgress) -> TrainResult:
     if trainer.accelerator.is_main_process:
         _finish(config, run, state, corpus, callback.best, prompt)
     result = _result(config, run, state, callback, lr, started)
+    result.main_process = trainer.accelerator.is_main_process
     if trainer.accelerator.is_main_process and callback.best:
         from grape_cli.rewriters import promote_if_better
 
         result.default = promote_if_better(corpus.store.root, run.out, callback.best["metrics"])
     return result
+
+
+def launch_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as `accelerate launch` or torchrun
+    set them; (0, 1) for a plain `grape train`. Read before the trainer starts, so that
+    only the main process checks and prepares the run folder."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _open_corpus(index_root: Path, state: dict | None) -> _Corpus:
