@@ -114,6 +114,12 @@ def _request(info: ServerInfo, path: str, timeout: float) -> dict:
 def find_server(index_dir: str | Path, timeout: float = HEALTH_TIMEOUT_S) -> ServerInfo | None:
     """The live server of this index, or None: no state file, a dead pid, no answer within
     `timeout`, or a server of another index."""
+    found = _live_server(index_dir, timeout)
+    return found[0] if found else None
+
+
+def _live_server(index_dir: str | Path, timeout: float) -> tuple[ServerInfo, dict] | None:
+    """(state, /api/health answer) of the live server of this index, or None."""
     root = Path(index_dir).expanduser().resolve()
     info = read_state(root)
     if info is None:
@@ -124,9 +130,9 @@ def find_server(index_dir: str | Path, timeout: float = HEALTH_TIMEOUT_S) -> Ser
         health = _request(info, "/api/health", timeout)
     except (OSError, ValueError):  # refused, timed out, HTTP error, not JSON
         return None
-    if health.get("index") != str(root):
+    if not isinstance(health, dict) or health.get("index") != str(root):
         return None
-    return info
+    return info, health
 
 
 def _server_rewriter(info: ServerInfo, spec: str | None) -> str | None:
@@ -170,9 +176,10 @@ def search_via_server(
     from grape_cli.store import default_index_dir, path_id
 
     root = Path(index_dir or default_index_dir()).expanduser().resolve()
-    info = find_server(root)
-    if info is None:
-        return None
+    found = _live_server(root, HEALTH_TIMEOUT_S)
+    if found is None or found[1].get("index_changed") is not False:
+        return None  # none, or its vectors predate a later `grape index`: search here
+    info = found[0]
     name = _server_rewriter(info, rewriter if query else None)
     if name is None:
         return None

@@ -197,8 +197,18 @@ class Service:
         self._path_of = dict(zip(rows["id"], rows["path"], strict=True))
         self._id_of = {p: i for i, p in self._path_of.items()}
         self.size = base.size
+        self.index_updated = base.store.manifest.get("updated")
 
     # ------------------------------------------------------------------ facts
+
+    def index_changed(self) -> bool:
+        """Whether `grape index` has written to the index since it was loaded here."""
+        from grape_cli.store import Store
+
+        try:
+            return Store.read_manifest(self.root).get("updated") != self.index_updated
+        except (GrapeError, OSError, ValueError):
+            return True
 
     def health(self) -> dict:
         return {
@@ -212,6 +222,7 @@ class Service:
             "rewriters": [r.name for r in self.rewriters],
             "pairs_file": str(pairs_file(self.root)),
             "pairs": count_pairs(self.root),
+            "index_changed": self.index_changed(),
             "load_timings": {k: round(v, 4) for k, v in self.searchers["none"].timings.items()},
         }
 

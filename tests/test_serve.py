@@ -122,6 +122,11 @@ def test_health_and_rewriters(server, corpus, tiny_lm):
     assert health["index"] == str(idx.resolve()) and health["images"] == len(paths)
     assert health["model"] == Searcher(idx).store.model and health["rewriters"][0] == "none"
     assert health["pairs_file"] == str(idx.resolve() / "pairs.jsonl")
+    status, heads, page = request(server, "/")
+    assert status == 200 and heads["content-type"] == "text/html; charset=utf-8"
+    assert "script-src 'unsafe-inline'" in heads["content-security-policy"]
+    assert "unsafe-eval" not in heads["content-security-policy"]
+    assert b"http" not in page.replace(b"http-equiv", b"")  # no CDN, nothing fetched outside
     _, _, listed = request(server, "/api/rewriters")
     names = [r["name"] for r in listed["rewriters"]]
     assert names == ["none", str(tiny_lm)] and listed["default"] == str(tiny_lm)
@@ -577,6 +582,29 @@ def test_stale_server_files_are_ignored(tmp_path, corpus, cli):
         mute.close()
     state_file(copy).write_text("{not json")
     assert find_server(copy) is None
+
+
+def test_a_server_older_than_the_index_is_not_used(tmp_path, corpus, cli, monkeypatch):
+    """After a `grape index` run the server's vectors are stale: `grape search` answers
+    locally (the same output as always), and /api/health says so for the page."""
+    idx, _ = corpus
+    import shutil
+
+    copy = tmp_path / "index"
+    shutil.copytree(idx, copy, ignore=shutil.ignore_patterns("serve.json", "pairs.jsonl"))
+    with running(Service(copy), advertise=True) as server:
+        calls = []
+        original = Service.search
+        monkeypatch.setattr(
+            Service, "search", lambda self, *a, **kw: calls.append(a) or original(self, *a, **kw)
+        )
+        args = ("search", "a red circle", "--index", copy, "-k", "3")
+        assert cli(*args).exit_code == 0 and len(calls) == 1
+        assert request(server, "/api/health")[2]["index_changed"] is False
+        Store.open(copy).write_manifest(updated="2099-01-01T00:00:00+0000")  # as grape index
+        assert request(server, "/api/health")[2]["index_changed"] is True
+        r = cli(*args)
+        assert r.exit_code == 0 and len(calls) == 1 and "a red circle" in r.stdout
 
 
 def test_serve_command_end_to_end(corpus, tmp_path, cli):
