@@ -82,7 +82,9 @@ def http_status(e: GrapeError) -> int:
 
 
 def is_loopback(host: str) -> bool:
-    """>>> [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "10.0.0.2")]
+    """Whether `host` names this machine's loopback interface.
+
+    >>> [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "10.0.0.2")]
     [True, True, True, False, False]
     """
     if host.lower() in LOOPBACK_NAMES:
