@@ -44,6 +44,7 @@ from grape_cli.cli import hub as _hub  # noqa: E402, F401
 from grape_cli.cli import index as _index  # noqa: E402, F401
 from grape_cli.cli import rewriters as _rewriters  # noqa: E402, F401
 from grape_cli.cli import search as _search  # noqa: E402, F401
+from grape_cli.cli import serve as _serve  # noqa: E402, F401
 from grape_cli.cli import train as _train  # noqa: E402, F401
 
 # Set by main(): True in the `grape` program, False when tests invoke `app` in-process.

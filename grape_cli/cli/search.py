@@ -106,25 +106,28 @@ def search_cmd(
     timings: bool = typer.Option(False, "--timings", hidden=True, help="Print stage timings."),
 ) -> None:
     """Search the indexed photos; shows what the rewriter turned the query into."""
+    from grape_cli.remote import search_via_server
     from grape_cli.search import search
 
-    _quiet_transformers([rewriter or "default"])
-    result = search(
-        query,
-        index,
-        k,
-        rewriter=rewriter,
-        rewrites=rewrites,
-        image=image,
-        image_weight=image_weight,
-        temperature=temperature,
-        device=device,
-        prompt=_prompt(prompt_file),
-        trust_remote_code=trust_remote_code,
-        backend=backend,
-        threads=threads,
-        seed=seed,
-    )
+    options = {
+        "rewriter": rewriter,
+        "rewrites": rewrites,
+        "image": image,
+        "image_weight": image_weight,
+        "temperature": temperature,
+        "device": device,
+        "prompt": _prompt(prompt_file),
+        "trust_remote_code": trust_remote_code,
+        "backend": backend,
+        "threads": threads,
+        "seed": seed,
+    }
+    # Warm path: a running `grape serve` of this index answers when it supports the options
+    # (grape_cli/remote.py); otherwise, or if it does not answer, search here.
+    result = search_via_server(query, index, k, **options)
+    if result is None:
+        _quiet_transformers([rewriter or "default"])
+        result = search(query, index, k, **options)
     if html is not None:
         from grape_cli.html import write_html
 
