@@ -52,3 +52,21 @@ def test_index_train_search_uses_the_trained_rewriter(train_world, tiny_clip, cl
     r = cli("rewriters", "rm", entry["name"])
     assert r.exit_code == 0 and not (tmp_path / "x").exists()
     assert json.loads(cli("rewriters", "--json").stdout) == []
+
+
+def test_train_without_pairs_uses_the_pairs_collected_by_serve(train_world, tiny_clip, cli):
+    from grape_cli.feedback import pairs_file
+    from grape_cli.store import default_index_dir
+
+    assert cli("index", train_world["root"] / "photos", "--model", tiny_clip).exit_code == 0
+    r = cli("train", "--base-model", train_world["lm"])
+    assert r.exit_code == 2 and "no collected pairs yet" in r.stderr and "grape serve" in r.stderr
+    collected = pairs_file(default_index_dir().resolve())
+    collected.write_text(train_world["pairs"].read_text())
+    r = cli(
+        "train", "--base-model", train_world["lm"], "--steps", 1, "--eval-every", 1,
+        "--group-size", 4, "--queries-per-step", 4, "--max-new-tokens", 12,
+        "--eval-split", 0.25, "--prompt-file", train_world["prompt"], "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["train_pairs"] == 12

@@ -420,7 +420,8 @@ def test_this_is_the_one_appends_pairs_train_can_read(server, corpus):
     ]
     assert "夕阳下的猫" in lines[0]  # UTF-8, not \\u escapes
     pairs = load_pairs(pf)
-    assert pairs[-2].query == "夕阳下的猫" and pairs[-2].targets == (paths[5],)
+    assert pairs[-2].query.text == "夕阳下的猫" and pairs[-2].targets == (paths[5],)
+    assert pairs[-1].query.image == str(paths[4]) and pairs[-1].query.composed
     assert request(server, "/api/health")[2]["pairs"] == len(before) + 2
 
 
@@ -457,7 +458,7 @@ def test_append_pair_directly(tmp_path):
     pf = pairs_file(tmp_path)
     pf.write_text('{"query": "by hand", "target": "/a.jpg"}', encoding="utf-8")  # no newline
     assert append_pair(tmp_path, " cat ", "/b.jpg") == 2
-    assert [p.query for p in load_pairs(pf)] == ["by hand", "cat"]
+    assert [p.query.text for p in load_pairs(pf)] == ["by hand", "cat"]
     with pytest.raises(InputError, match="text query"):
         append_pair(tmp_path, "", "/b.jpg")
     with pytest.raises(InputError, match="Unicode"):
@@ -554,7 +555,7 @@ def test_grape_search_with_the_servers_rewriter_prints_the_same(
     monkeypatch.setenv("GRAPE_NO_SERVER", "1")
     cold = cli(*args)
     assert warm.exit_code == cold.exit_code == 0 and warm.stdout == cold.stdout
-    assert f"rewrite ({tiny_lm})" in warm.stdout
+    assert f"rewrite ({tiny_lm.name})" in warm.stdout
 
 
 def test_stale_server_files_are_ignored(tmp_path, corpus, cli):

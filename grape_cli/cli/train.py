@@ -97,7 +97,8 @@ def flagify(text: str | None) -> str | None:
 @app.command("train")
 def train_cmd(
     pairs: Path = typer.Argument(
-        ...,
+        None,
+        show_default="the pairs collected by `grape serve` for the index",
         help='Query/target pairs: JSON Lines {"query": ..., "target": PATH} (or "targets": '
         '[...], and "image" for a reference image), or CSV/TSV with query,target columns.',
     ),
@@ -193,6 +194,7 @@ def train_cmd(
     from grape_cli.train import train_rewriter
 
     hf_logging.disable_progress_bar()  # one bar here: ours (weights load and save often)
+    pairs = pairs or _collected_pairs(index)
     try:
         config = TrainConfig(
             pairs=pairs,
@@ -234,6 +236,21 @@ def train_cmd(
         print_json(result.to_dict())
         return
     _render(result)
+
+
+def _collected_pairs(index: Path | None) -> Path:
+    """The pairs `grape serve` collected for the index ("this is the one" clicks)."""
+    from grape_cli.errors import UsageError
+    from grape_cli.feedback import pairs_file
+    from grape_cli.store import default_index_dir
+
+    path = pairs_file(Path(index or default_index_dir()).expanduser().resolve())
+    if not path.is_file():
+        raise UsageError(
+            f"no PAIRS given, and the index has no collected pairs yet ({path})",
+            'pass a pairs file, or collect pairs with `grape serve` ("this is the one")',
+        )
+    return path
 
 
 def _render(result) -> None:
