@@ -61,13 +61,13 @@ def quick_search(
     the query is out of scope or the cache cannot answer (never raises for that)."""
     query = (query or "").strip()
     if (
-        not query
+        not query  # the full path reports it
         or k < 1
-        or rewriter not in ("none", "", None)
+        or (rewriter or "").strip().lower() not in ("", "none")  # as load_rewriter reads it
         or image is not None
         or prompt is not None  # a --prompt-file is checked by the full path, even unused
-        or backend not in ("auto", "faiss")  # an ANN index: see vectorcache.write
-        or device not in (None, "auto", "cpu")  # asked for the GPU: the full path's
+        or backend not in ("auto", "faiss")  # "lance": its ANN index (see vectorcache.write)
+        or device not in (None, "auto", "cpu")  # a GPU asked for: the full path uses it
     ):
         return None
     try:

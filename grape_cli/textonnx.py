@@ -15,7 +15,6 @@ probe texts; a model whose text tower cannot be traced raises `ExportError`.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -51,7 +50,7 @@ class OnnxTextEncoder:
         # is what makes opening the session fast.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
-        options.log_severity_level = 3  # errors only: the CLI prints nothing else
+        options.log_severity_level = 4  # silent: an error is raised, and search falls back
         try:
             self.session = ort.InferenceSession(
                 str(model_path), options, providers=["CPUExecutionProvider"]
@@ -60,8 +59,8 @@ class OnnxTextEncoder:
             raise ExportError(f"cannot load {model_path}: {e}".splitlines()[0]) from e
 
     def encode(self, tokens: np.ndarray) -> np.ndarray:
-        """tokens: int64 (n, context_length) -> float32 (n, dim), one text at a time so
-        that any export (fixed or dynamic batch) works."""
+        """tokens: int64 (n, context_length) -> float32 (n, dim), one text at a time (the
+        export has a fixed batch of one)."""
         import numpy as np
 
         out = [self.session.run([OUTPUT], {INPUT: row[None]})[0] for row in tokens]
@@ -149,8 +148,7 @@ def _trace(module, example: np.ndarray, path: Path) -> None:
                 str(path),
                 input_names=[INPUT],
                 output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                opset_version=17,
+                opset_version=17,  # fixed shape (1, context_length): tracing bakes it in
                 dynamo=False,
             )
         except Exception as e:
@@ -174,7 +172,10 @@ def _optimize(src: Path, dst: Path) -> None:
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
     )
-    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    try:
+        ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # an operator ONNX Runtime cannot run on the CPU
+        raise ExportError(f"ONNX Runtime cannot run the export: {e}".splitlines()[0]) from e
 
 
 def _save_aligned(src: Path, dst: Path, weights_name: str) -> Path:
@@ -194,7 +195,5 @@ def _save_aligned(src: Path, dst: Path, weights_name: str) -> Path:
             set_external_data(tensor, weights_name, offset, len(tensor.raw_data))
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
-        out.flush()
-        os.fsync(out.fileno())
     onnx.save_model(model, str(dst))
     return dst
