@@ -112,9 +112,8 @@ class ClipTokenizer:
         """Write the merges in use, uncompressed: a quarter of the shipped file's lines,
         and no gunzip, make `from_file` about 50 ms faster on a cold start."""
         merges = sorted(self.ranks, key=self.ranks.__getitem__)
-        Path(path).write_text(
-            "#version: 0.2 (the merges open_clip uses)\n" + "\n".join(merges) + "\n"
-        )
+        header = "#version: 0.2 (the merges open_clip uses)\n"
+        Path(path).write_text(header + "\n".join(merges) + "\n", encoding="utf-8")
 
     @property
     def vocab_size(self) -> int:

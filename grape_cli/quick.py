@@ -164,8 +164,10 @@ def refresh_cache(index_dir: str | Path, *, store: Store | None = None, clip=Non
     root = Path(index_dir)
     try:
         manifest = Store.read_manifest(root)
-        if not vectorcache.is_current(root, manifest):
-            vectorcache.write(store or Store.open(root))
+        if not vectorcache.is_current(root, manifest) and not vectorcache.write(
+            store or Store.open(root)
+        ):
+            return  # no vector cache (an ANN index): the fast path will not answer
     except Exception as e:
         logger.warning("could not write the search cache of %s: %s", root, _describe(e))
         vectorcache.clear(root)
@@ -186,12 +188,13 @@ def _export_text(root: Path, spec: str, clip) -> None:
     import torch
 
     from grape_cli.models import load_clip
-    from grape_cli.textonnx import ExportError
+    from grape_cli.textonnx import ExportError, remove_leftovers
 
     if clip is None or clip.device != "cpu" or clip.dtype != torch.float32:
         clip = load_clip(spec, "cpu", "fp32")  # the export runs on the CPU in float32
     folder = search_cache_dir(root)
     folder.mkdir(exist_ok=True)
+    remove_leftovers(folder)
     stem = secrets.token_hex(6)
     pointer: dict = {"format": TEXT_FORMAT, "model": spec}
     try:
@@ -209,7 +212,7 @@ def _export_text(root: Path, spec: str, clip) -> None:
             if path.name not in keep:
                 path.unlink(missing_ok=True)
     tmp = folder / f"{TEXT_CACHE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(pointer))
+    tmp.write_text(json.dumps(pointer), encoding="utf-8")
     os.replace(tmp, folder / TEXT_CACHE)
     for path in folder.iterdir():  # earlier exports
         if path.name.startswith(TEXT_PREFIXES) and path.name not in keep:
@@ -248,7 +251,7 @@ def _open_clip_merges(context_length: int):
 def _text_pointer(root: Path, manifest: dict) -> dict | None:
     """The export record for the index's model (an export or a recorded failure)."""
     try:
-        pointer = json.loads((search_cache_dir(root) / TEXT_CACHE).read_text())
+        pointer = json.loads((search_cache_dir(root) / TEXT_CACHE).read_text("utf-8"))
     except (OSError, ValueError):
         return None
     if pointer.get("format") != TEXT_FORMAT or pointer.get("model") != manifest.get("model"):

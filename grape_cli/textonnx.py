@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 ALIGN = 64 * 1024  # ORT maps external weights when their offset is page-aligned
 INPUT, OUTPUT = "tokens", "text_embeds"
 TOLERANCE = 1e-4  # the largest |difference| allowed between ORT's and torch's embeddings
+TMP_PREFIX = "export-tmp-"  # what a killed export leaves behind (see remove_leftovers)
 
 
 class ExportError(ModelError):
@@ -83,7 +84,7 @@ def export_text_tower(clip, folder: str | Path, stem: str, token_probes: np.ndar
     text_tower = _text_tower(_cpu_float32(clip.model))
     with torch.inference_mode():
         expected = text_tower(torch.from_numpy(token_probes)).numpy()
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=folder) as tmp:
         traced = Path(tmp) / "traced.onnx"
         _trace(text_tower, token_probes[:1], traced)
         optimized = Path(tmp) / "optimized.onnx"
@@ -103,6 +104,14 @@ def export_text_tower(clip, folder: str | Path, stem: str, token_probes: np.ndar
 def remove_export(model_path: Path) -> None:
     for path in (model_path, model_path.with_suffix(".weights")):
         path.unlink(missing_ok=True)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """The working folders of exports killed halfway (a copy of the weights each)."""
+    import shutil
+
+    for path in Path(folder).glob(TMP_PREFIX + "*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _text_tower(model):

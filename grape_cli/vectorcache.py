@@ -37,8 +37,9 @@ class CachedVectors:
 
 
 def write(store: Store) -> bool:
-    """Write the cache of `store`'s images table; False (and any old cache removed) when
-    the table has an ANN index, which `grape search` uses instead of exact search."""
+    """Write the cache of `store`'s images table, replacing any earlier one; False (and
+    no cache) when the table has an ANN index (which `grape search` uses instead of exact
+    search) or its versions cannot be told apart."""
     import numpy as np
 
     folder = search_cache_dir(store.root)
@@ -57,7 +58,7 @@ def write(store: Store) -> bool:
     with open(folder / matrix_name, "wb") as f:
         np.save(f, np.ascontiguousarray(matrix, dtype=np.float32), allow_pickle=False)
     rows = {"path": meta["path"], "width": meta["width"], "height": meta["height"]}
-    (folder / rows_name).write_text(json.dumps(rows, ensure_ascii=False))
+    (folder / rows_name).write_text(json.dumps(rows, ensure_ascii=False), "utf-8")
     pointer = {
         "format": FORMAT,
         "model": store.model,
@@ -99,7 +100,7 @@ def clear(root: Path) -> None:
 
 def _current_pointer(root: Path, manifest: dict) -> dict | None:
     folder = search_cache_dir(root)
-    pointer = json.loads((folder / VECTOR_CACHE).read_text())
+    pointer = json.loads((folder / VECTOR_CACHE).read_text("utf-8"))
     if (
         pointer.get("format") != FORMAT
         or pointer.get("model") != manifest.get("model")
@@ -123,7 +124,7 @@ def _load(root: Path, manifest: dict) -> CachedVectors | None:
     if matrix_path.stat().st_size != pointer["matrix_bytes"]:
         return None
     matrix = np.load(matrix_path, allow_pickle=False)
-    rows = json.loads((folder / pointer["rows"]).read_text())
+    rows = json.loads((folder / pointer["rows"]).read_text("utf-8"))
     paths, widths, heights = rows["path"], rows["width"], rows["height"]
     if matrix.dtype != np.float32 or matrix.shape != (n, dim):
         return None
@@ -141,7 +142,7 @@ def _has_vector_index(store: Store) -> bool:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, "utf-8")
     os.replace(tmp, path)
 
 

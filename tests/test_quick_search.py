@@ -280,8 +280,12 @@ def test_damaged_cache_falls_back_silently(corpus, cli, damage):
 def test_unchanged_reindex_rebuilds_a_missing_cache(fresh):
     idx = fresh / "index"
     shutil.rmtree(idx / SEARCH_CACHE)
+    killed = idx / SEARCH_CACHE / "export-tmp-dead"  # an export killed halfway
+    killed.mkdir(parents=True)
+    (killed / "optimized.onnx.data").write_bytes(b"\0" * 1024)
     summary = index_folders([fresh / "photos"], idx, workers=0)
     assert summary.unchanged == 20 and summary.encoded == 0
+    assert not killed.exists()
     same_hits(quick_search("a red star", idx, 5), search("a red star", idx, 5), 5)
 
 
