@@ -1,6 +1,7 @@
 """Search latency on a 100,000-image index: warm per-query time and cold process time.
 
     HF_HUB_OFFLINE=1 python benchmarks/search_latency.py [--n 100000] [--queries 200]
+    HF_HUB_OFFLINE=1 python benchmarks/search_latency.py --mode cold [--n 10000] [--runs 7]
 
 Builds a real grape index (LanceDB, via grape_cli.store) of random L2-normalised
 512-d vectors, then measures
@@ -11,7 +12,15 @@ Builds a real grape index (LanceDB, via grape_cli.store) of random L2-normalised
 * cold: wall time of a fresh `grape search ... --json` process, with a tiny CLIP of
   dimension 512 and with ViT-B-32 (random weights), broken down into the stages grape
   reports (import, index open, model load, index load, encode, search) plus the rest
-  (interpreter start-up, CLI import, output).
+  (interpreter start-up, CLI import, output). These indexes are written straight through
+  the Store, without the search cache `grape index` leaves: this is the full path.
+
+`--mode cold` compares a cold `grape search "a red star" --rewriter none` before and
+after the search cache (grape_cli.quick) on a ViT-B-32 index (random weights saved as a
+local open_clip folder, so every process loads the same ones): the full path (the cache
+moved aside) and the fast path, run alternately, median of `--runs` processes each, with
+the stages (process start and CLI imports, other imports, tokenizer, text encoder, vector
+load, search, output) and a check that both give the same top-k (cosines within 1e-4).
 
 No network: both models are built locally. Prints a table and, with --out, writes JSON.
 """
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -150,19 +160,181 @@ def process_time(args: list[str], runs: int = 3) -> float:
     return round(statistics.median(walls), 3)
 
 
+# --------------------------------------------------------------------------- --mode cold
+
+QUERY = "a red star"
+REPO = Path(__file__).resolve().parents[1]
+# What each path's stages are summed into for the breakdown; the rest of the wall time
+# is process start-up and the CLI's own imports (Python, typer, rich, grape_cli).
+FULL_PATH = {
+    "imports (torch, open_clip, lancedb, faiss)": IMPORTS,
+    "index open": ("index_open",),
+    "model load (whole CLIP)": ("model_load",),
+    "vector load (LanceDB -> faiss)": ("index_load",),
+    "tokenize + text encode": ("encode",),
+    "search": ("search",),
+}
+FAST_PATH = {
+    "imports (numpy, onnxruntime)": ("import_numpy", "import_onnxruntime"),
+    "tokenizer (load + tokenize)": ("tokenizer_load", "tokenize"),
+    "text encoder (ONNX session + run)": ("model_load", "encode"),
+    "vector load (.npy + paths)": ("index_load",),
+    "search (numpy)": ("search",),
+}
+
+
+def build_vit_b_32(folder: Path, seed: int = 0) -> Path:
+    """ViT-B-32 with seeded random weights, saved as an open_clip local folder."""
+    import copy
+
+    import open_clip
+    import torch
+
+    from grape_cli.models import save_clip_folder
+    from grape_cli.tiny import CLIP_PREPROCESS
+
+    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-32"))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    return save_clip_folder(model, cfg, CLIP_PREPROCESS, folder)
+
+
+def cold_search(index_dir: Path) -> tuple[float, dict]:
+    """One fresh `grape search` process: (wall seconds, its JSON with an `output` stage)."""
+    cmd = [sys.executable, "-m", "grape_cli", "search", QUERY, "--index", str(index_dir)]
+    cmd += ["-k", "10", "--rewriter", "none", "--json", "--timings"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"grape search failed: {proc.stderr.strip()}")
+    result = json.loads(proc.stdout)
+    # --timings prints "name 12 ms  name 3 ms ..." on stderr, wrapped at the console width
+    stages = " ".join(proc.stderr.split())
+    result["timings"]["output"] = float(re.search(r"output (\d+) ms", stages)[1]) / 1000
+    return wall, result
+
+
+def summarize(runs: list[tuple[float, dict]], groups: dict[str, tuple[str, ...]]) -> dict:
+    """Median wall time and median of each stage group over the runs."""
+    med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
+    walls = [w for w, _ in runs]
+    out = {"wall_s": med(walls), "wall_min_s": round(min(walls), 3), "runs": len(runs)}
+    out["backend"] = runs[0][1]["backend"]
+    grouped = {**groups, "output (rendering)": ("output",)}
+    rest = []
+    for wall, r in runs:
+        rest.append(wall - sum(r["timings"].get(s, 0.0) for ss in grouped.values() for s in ss))
+    out["process start + CLI imports"] = med(rest)
+    for name, stages in grouped.items():
+        out[name] = med([sum(r["timings"].get(s, 0.0) for s in stages) for _, r in runs])
+    return out
+
+
+def same_top_k(a: dict, b: dict, atol: float = 1e-4) -> dict:
+    paths_a, paths_b = [h["path"] for h in a["hits"]], [h["path"] for h in b["hits"]]
+    diff = max(abs(x["score"] - y["score"]) for x, y in zip(a["hits"], b["hits"], strict=True))
+    return {
+        "same_paths_in_order": paths_a == paths_b,
+        "max_score_diff": diff,
+        "scores_allclose_1e-4": diff <= atol,
+        "k": len(paths_a),
+    }
+
+
+def cold_compare(index_dir: Path, runs: int) -> dict:
+    """Full path (search cache moved aside) and fast path, alternately, `runs` each."""
+    from grape_cli.store import SEARCH_CACHE
+
+    cache, parked = index_dir / SEARCH_CACHE, index_dir / (SEARCH_CACHE + ".parked")
+    cold_search(index_dir)  # warms the page cache for both paths' files
+    full, fast = [], []
+    for _ in range(runs):
+        cache.rename(parked)
+        try:
+            full.append(cold_search(index_dir))
+        finally:
+            parked.rename(cache)
+        fast.append(cold_search(index_dir))
+    if {r["backend"] for _, r in full} != {"faiss"} or {r["backend"] for _, r in fast} != {"numpy"}:
+        raise SystemExit("a run did not take the path it was meant to")
+    return {
+        "before_full_path": summarize(full, FULL_PATH),
+        "after_fast_path": summarize(fast, FAST_PATH),
+        "top_k_check": same_top_k(full[0][1], fast[0][1]),
+    }
+
+
+def main_cold(args, work: Path) -> None:
+    from grape_cli.quick import refresh_cache
+
+    report: dict = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
+    model = build_vit_b_32(work / "vit-b-32-random")
+    index_dir = build_index(work / "index-vit-b-32", args.n, str(model))
+    t = time.perf_counter()
+    refresh_cache(index_dir)  # what the end of `grape index` does
+    report["cache_build_s"] = round(time.perf_counter() - t, 1)
+    report["python_startup_s"] = process_time(["-c", "pass"], 5)
+    report["cli_import_s"] = process_time(["-c", "import grape_cli.cli"], 5)
+    report.update(cold_compare(index_dir, args.runs))
+    report["load_avg_at_end"] = os.getloadavg()
+
+    print(
+        f"cold `grape search {QUERY!r} --rewriter none`, ViT-B-32 (random weights), "
+        f"{args.n:,} images, {report['cpus']} CPUs, load average "
+        f"{report['load_avg_at_start'][0]:.2f} -> {report['load_avg_at_end'][0]:.2f}"
+    )
+    print(
+        f"python start-up {report['python_startup_s']} s; `import grape_cli.cli` process "
+        f"{report['cli_import_s']} s; cache build (vectors + text export) {report['cache_build_s']} s"
+    )
+    for key, label in (
+        ("before_full_path", "before (full path)"),
+        ("after_fast_path", "after (fast path)"),
+    ):
+        c = report[key]
+        print(
+            f"{label}: median {c['wall_s']} s (min {c['wall_min_s']}, {c['runs']} runs), medians:"
+        )
+        for name, value in c.items():
+            if name not in ("wall_s", "wall_min_s", "runs", "backend"):
+                print(f"    {name:<45} {value * 1000:8.0f} ms")
+    check = report["top_k_check"]
+    print(
+        f"top-{check['k']}: same paths in order {check['same_paths_in_order']}, "
+        f"max |cosine difference| {check['max_score_diff']:.2g}"
+    )
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=100_000, help="vectors in the index")
+    ap.add_argument("--mode", choices=("full", "cold"), default="full")
+    ap.add_argument("--n", type=int, help="vectors in the index (100,000; cold mode 10,000)")
     ap.add_argument("--queries", type=int, default=200, help="warm queries")
-    ap.add_argument("--runs", type=int, default=2, help="cold processes per model")
+    ap.add_argument("--runs", type=int, help="cold processes per model or path (2; cold mode 7)")
     ap.add_argument("--workdir", type=Path, help="keep the indexes here (default: temp)")
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
     args = ap.parse_args()
+    cold_mode = args.mode == "cold"
+    args.n = args.n or (10_000 if cold_mode else 100_000)
+    args.runs = args.runs or (7 if cold_mode else 2)
 
     from grape_cli.tiny import CLIP_PRESETS, build_tiny_clip
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="grape-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if cold_mode:
+        try:
+            return main_cold(args, work)
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(work, ignore_errors=True)
     report: dict = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
     try:
         tiny = build_tiny_clip(work / "tiny-clip-512", {**CLIP_PRESETS["test"], "embed_dim": DIM})

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from grape_cli.embed import content_hash, describe_error, embed_batches
 from grape_cli.errors import IndexMismatch, InputError
+from grape_cli.quick import refresh_cache
 from grape_cli.store import Store, default_index_dir, path_id, read_snapshot, writer_lock
 from grape_cli.walk import FoundFile, walk_images
 
@@ -111,6 +112,7 @@ def index_folders(
         if existing is not None:
             quick = _unchanged_summary(index_dir, existing, root_list, found, skipped, keep_missing)
             if quick is not None:
+                refresh_cache(index_dir)  # if stale
                 quick.seconds = time.perf_counter() - started
                 return quick
             store = Store.open(index_dir)
@@ -263,6 +265,8 @@ def index_folders(
         roots_now = sorted(set(store.manifest.get("roots", [])) | set(root_list))
         store.write_manifest(roots=roots_now, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         store.write_snapshot()
+        # What a cold `grape search` reads instead of LanceDB and torch; never fails the run.
+        refresh_cache(index_dir, store=store, clip=clip)
     summary.seconds = time.perf_counter() - started
     return summary
 

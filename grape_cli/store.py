@@ -7,6 +7,9 @@ Layout of an index folder:
   file-states.json   (path, size, mtime) of every row and failure as a complete run left
                      them; any write deletes it first, so when present it is current
   .lock              held (flock) by the one process allowed to write
+  search-cache/      derived files for a fast cold `grape search` (grape_cli.quick): the
+                     vectors as a .npy matrix and the exported text tower; never the truth,
+                     rebuilt at the end of `grape index`, ignored whenever stale
 
 Every write is a LanceDB commit (atomic), and rows are keyed by a stable id derived from
 the path, so a writer killed at any moment leaves a consistent index that the next run
@@ -33,6 +36,8 @@ MANIFEST = "grape-index.json"
 SNAPSHOT = "file-states.json"
 IMAGES = "images"
 FAILURES = "failures"
+SEARCH_CACHE = "search-cache"
+VECTOR_CACHE = "vectors.json"  # in SEARCH_CACHE: names the current vector files
 
 # Lock fds this process holds. A forked child (a DataLoader worker) closes its copies at
 # once: a flock belongs to the open file, so an orphaned worker of a killed writer would
@@ -80,6 +85,24 @@ def read_snapshot(root: Path) -> dict | None:
         return json.loads((root / SNAPSHOT).read_text())
     except (OSError, ValueError):
         return None
+
+
+def search_cache_dir(root: Path) -> Path:
+    return Path(root) / SEARCH_CACHE
+
+
+def images_version(root: Path) -> str | None:
+    """A token that changes with every commit to the images table, read without LanceDB:
+    a digest of the names of its version manifests (one per commit), or None when the
+    table is not laid out as expected. A search cache made from another token is stale."""
+    try:
+        names = sorted(n for n in os.listdir(Path(root) / f"{IMAGES}.lance" / "_versions"))
+    except OSError:
+        return None
+    manifests = [n for n in names if n.endswith(".manifest")]
+    if not manifests:
+        return None
+    return hashlib.blake2b("\n".join(manifests).encode(), digest_size=12).hexdigest()
 
 
 def default_index_dir() -> Path:
@@ -242,6 +265,8 @@ class Store:
         """Before any change: a snapshot must never describe a table it does not match."""
         if not self._snapshot_dropped:
             (self.root / SNAPSHOT).unlink(missing_ok=True)
+            # The vector cache too (beside the version check that also guards it).
+            (search_cache_dir(self.root) / VECTOR_CACHE).unlink(missing_ok=True)
             self._snapshot_dropped = True
 
     # ------------------------------------------------------------------ tables

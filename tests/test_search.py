@@ -172,8 +172,8 @@ def test_text_query_json_matches_brute_force(corpus, clip, cli):
     assert scores == sorted(scores, reverse=True)
     vec = clip.encode_texts(["a red circle on the left"]).numpy()
     assert [h["path"] for h in out["hits"]] == brute_force(vec, idx, 5)
-    stages = {"import_torch", "import_open_clip", "model_load", "index_load", "encode", "search"}
-    assert stages <= set(out["timings"])
+    # The stages both the full path and the fast path (grape_cli.quick) report.
+    assert {"model_load", "index_load", "encode", "search"} <= set(out["timings"])
 
 
 def test_table_shows_the_rewrite_above_results(corpus, clip, cli, stub):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -106,8 +107,8 @@ def search_cmd(
     timings: bool = typer.Option(False, "--timings", hidden=True, help="Print stage timings."),
 ) -> None:
     """Search the indexed photos; shows what the rewriter turned the query into."""
+    from grape_cli.quick import quick_search
     from grape_cli.remote import search_via_server
-    from grape_cli.search import search
 
     options = {
         "rewriter": rewriter,
@@ -123,11 +124,20 @@ def search_cmd(
         "seed": seed,
     }
     # Warm path: a running `grape serve` of this index answers when it supports the options
-    # (grape_cli/remote.py); otherwise, or if it does not answer, search here.
+    # (grape_cli/remote.py). Then a text query without a rewriter is answered from the
+    # index's search cache without torch (grape_cli/quick.py). Else the full path.
     result = search_via_server(query, index, k, **options)
+    if result is None and _no_rewriter(rewriter, index) and rewrites == 1 and seed is None:
+        result = quick_search(
+            query, index, k, rewriter="none", image=image, backend=backend, device=device,
+            prompt=prompt_file, threads=threads,
+        )  # fmt: skip
     if result is None:
+        from grape_cli.search import search
+
         _quiet_transformers([rewriter or "default"])
         result = search(query, index, k, **options)
+    output_started = time.perf_counter()
     if html is not None:
         from grape_cli.html import write_html
 
@@ -163,10 +173,24 @@ def search_cmd(
     if html is not None:
         err_console.print(f"wrote {escape(str(written))}", highlight=False)
     if timings:
+        output = {"output": time.perf_counter() - output_started}  # rendering, for benchmarks
         err_console.print(
-            "  ".join(f"{name} {sec * 1000:.0f} ms" for name, sec in result.timings.items())
+            "  ".join(
+                f"{name} {sec * 1000:.0f} ms" for name, sec in {**result.timings, **output}.items()
+            )
         )
     _end_process()
+
+
+def _no_rewriter(spec: str | None, index: Path | None) -> bool:
+    """Whether the search runs without a rewriter: `none` asked for, or nothing asked for
+    and the index has no default rewriter (read without heavy imports)."""
+    if spec is not None:
+        return spec.strip().lower() in ("", "none")
+    from grape_cli.rewriters import default_spec
+    from grape_cli.store import default_index_dir
+
+    return default_spec(index or default_index_dir()) is None
 
 
 def shorten(text: str, limit: int = 300) -> str:
