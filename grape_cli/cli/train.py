@@ -16,7 +16,7 @@ from rich.progress import (
 from rich.table import Table
 
 from grape_cli.cli import app
-from grape_cli.cli.render import console, err_console, print_json
+from grape_cli.cli.render import console, err_console, plain, print_json
 from grape_cli.cli.search import INDEX_HELP, PROMPT_HELP, _cell, _prompt
 
 
@@ -197,7 +197,7 @@ def train_cmd(
             else {}
         )
         table.add_row(
-            name,
+            plain(name),
             *(_cell(m[f"recall@{k}"], d.get(f"recall@{k}")) for k in (1, 5, 10)),
             _cell(m["mrr"], d.get("mrr")),
             _cell(m["median_rank"], d.get("median_rank"), lower_is_better=True, fmt="{:g}"),
