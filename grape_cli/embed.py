@@ -65,10 +65,20 @@ def _open_regular(path: str, max_bytes: int) -> Iterator[tuple[BinaryIO, int]]:
             raise NotRegularFile(reason)
         if st.st_size > max_bytes:
             raise FileTooLarge(
-                f"file too large ({st.st_size / 1e6:,.0f} MB; the limit is "
-                f"{max_bytes / 1e6:,.0f} MB)"
+                f"file too large ({_bytes(st.st_size)}; the limit is {_bytes(max_bytes)})"
             )
         yield f, st.st_size
+
+
+def _bytes(n: int) -> str:
+    """
+    >>> _bytes(5000), _bytes(3_500_000), _bytes(1 << 30)
+    ('5,000 bytes', '3.5 MB', '1.1 GB')
+    """
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:,} bytes"
 
 
 def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:

@@ -4,7 +4,13 @@ A file is re-embedded only if its (path, size, mtime) changed; a new path whose 
 are already indexed (a move, rename or copy) reuses the stored embedding. Rows are
 committed every `commit_every` images, so a killed run loses at most one batch of work
 and the next run picks up from there. A run that finds nothing changed since the last
-complete one answers from that run's snapshot of file states, without opening LanceDB.
+complete one answers from that run's snapshot of file states, without opening LanceDB,
+once it has checked that the tables are still the ones the snapshot describes.
+
+Only regular files are read, each up to a size limit and within a time limit, so a FIFO,
+a link to a device or a pathological image is one more bad file, listed with its reason.
+A damaged index (a table or the manifest lost) is repaired: what is missing is rebuilt,
+and nothing still readable is thrown away.
 """
 
 from __future__ import annotations
@@ -166,6 +172,8 @@ def _recorded_manifest(index_dir: Path, model: str | None) -> tuple[dict | None,
     manifest is recovered from the images table (`Store.open_for_write` rewrites it);
     an index whose model cannot be told is refused rather than guessed.
     """
+    from grape_cli.models import canonical_clip_spec
+
     damaged = False
     try:
         existing = Store.read_manifest(index_dir)
@@ -174,8 +182,6 @@ def _recorded_manifest(index_dir: Path, model: str | None) -> tuple[dict | None,
     except IndexDamaged as e:
         existing, damaged = recover_manifest(index_dir, e), True
     spec = _model_spec(model, existing)
-    from grape_cli.models import canonical_clip_spec
-
     if canonical_clip_spec(existing["model"]) != spec:
         raise IndexMismatch(
             f"index {index_dir} was built with {existing['model']}, not {spec}",

@@ -10,9 +10,9 @@ Layout of an index folder:
                      the ones it describes
   .lock              held (flock) by the one process allowed to write
 
-The manifest is written first, when the index is created, so whatever else a killed run
-leaves, the index knows its model; the images table records the model too, so a lost
-manifest can be rebuilt. Every write is a LanceDB commit (atomic), and rows are keyed by
+A new index appears at once with its manifest and empty tables (see `Store.create`), so
+whatever a killed run leaves, the index knows its model; the images table records the
+model too, so a lost manifest can be rebuilt. Every write is a LanceDB commit (atomic), and rows are keyed by
 a stable id derived from the path, so a writer killed at any moment leaves a consistent
 index that the next run completes without duplicates. Readers refuse a damaged index
 (IndexDamaged); `grape index` repairs it, never discarding rows it can still read.
@@ -241,11 +241,11 @@ class Store:
     def open(cls, root: str | Path) -> Store:
         """Open an index to read it; a missing table is IndexDamaged (`grape index` repairs)."""
         root = Path(root).expanduser().resolve()
-        store = cls(root, cls.read_manifest(root))
+        manifest = cls.read_manifest(root)
         for name in (IMAGES, FAILURES):
             if not (root / f"{name}.lance").is_dir():
                 raise _damaged(root, f"its table {name} is missing")
-        return store
+        return cls(root, manifest)
 
     @classmethod
     def create(cls, root: str | Path, model: str, dim: int) -> None:

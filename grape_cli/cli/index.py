@@ -75,7 +75,9 @@ def index_cmd(
             decode_timeout=decode_timeout or None,
         )
     for repair in summary.repaired:
-        err_console.print(Text.assemble(("repaired", "yellow"), ": ", plain(repair)))
+        err_console.print(
+            Text.assemble(("repaired", "yellow"), ": ", plain(repair)), soft_wrap=True
+        )
     if json_out:
         print_json(summary.to_dict())
         return
