@@ -309,7 +309,13 @@ def vectors(idx) -> dict[str, np.ndarray]:
 
 
 def assert_damage_reported(cli, idx, what: str):
-    for args in (("search", "cat", "--index", idx), ("info", "--index", idx)):
+    pairs = idx.parent / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "q", "target": "photos/ok_0.jpg"}) + "\n")
+    for args in (
+        ("search", "cat", "--index", idx),
+        ("info", "--index", idx),
+        ("eval", pairs, "--index", idx),
+    ):
         r = cli(*args)
         assert r.exit_code == IndexDamaged.exit_code, (args, r.output, r.exception)
         assert "Traceback" not in r.output + r.stderr
