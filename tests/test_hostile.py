@@ -275,6 +275,7 @@ def test_plain_shows_control_characters_escaped():
     assert plain(Path("/p/[x]")).plain == "/p/[x]"
 
 
+@pytest.mark.slow  # a whole process start-up: several seconds
 def test_odd_names_in_a_real_grape_process(tmp_path, tiny_clip):
     folder, idx = odd_names_folder(tmp_path / "photos"), tmp_path / "idx"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRAPE_HOME": str(tmp_path / "home")}
