@@ -137,9 +137,14 @@ def decode_image(path, draft_size: int | None = None):
     Raises on anything that is not a sound image.
 
     JPEGs are decoded in draft mode at no less than `draft_size`: the decoder skips the
-    DCT scales the model's resize would throw away anyway, several times faster.
+    DCT scales the model's resize would throw away anyway, several times faster. A file
+    name is read through `read_file` (regular files only, bounded), so a FIFO given as
+    `--image` fails at once instead of blocking.
     """
     from PIL import Image, ImageOps
+
+    if isinstance(path, (str, os.PathLike)):
+        path = io.BytesIO(read_file(os.fspath(path)))
 
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its pixel limit; a bomb is a bomb.

@@ -129,10 +129,9 @@ def test_reads_refuse_what_is_not_a_regular_file_and_are_bounded(tmp_path):
     fifo = tmp_path / "fifo.jpg"
     os.mkfifo(fifo)
     for path in ("/dev/zero", str(fifo)):
-        with pytest.raises(NotRegularFile):
-            in_thread(lambda p=path: read_file(p), 10)
-        with pytest.raises(NotRegularFile):
-            in_thread(lambda p=path: content_hash(p), 10)
+        for reader in (read_file, content_hash, decode_image):  # decode_image: --image
+            with pytest.raises(NotRegularFile):
+                in_thread(lambda p=path, r=reader: r(p), 10)
     big = tmp_path / "big.jpg"
     big.write_bytes(b"\xff" * 5000)
     with pytest.raises(FileTooLarge, match="limit"):
@@ -141,6 +140,20 @@ def test_reads_refuse_what_is_not_a_regular_file_and_are_bounded(tmp_path):
         content_hash(str(big), max_bytes=4096)
     assert read_file(str(big), max_bytes=5000) == b"\xff" * 5000
     assert content_hash(str(big)) == content_hash(str(big), max_bytes=5000)
+
+
+def test_fifo_as_the_query_image_fails_at_once(tmp_path, tiny_clip, photos, cli):
+    idx, fifo = tmp_path / "idx", tmp_path / "query.jpg"
+    assert cli("index", photos, "--index", idx, "--model", tiny_clip).exit_code == 0
+    os.mkfifo(fifo)
+
+    def unblock():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    r = in_thread(lambda: cli("search", "--image", fifo, "--index", idx), 30, unblock)
+    assert r.exit_code == InputError.exit_code, r.output
+    assert f"cannot read --image {fifo}" in r.stderr
 
 
 def test_file_over_the_size_limit_is_skipped_with_reason(tmp_path, tiny_clip):
