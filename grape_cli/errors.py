@@ -61,3 +61,10 @@ class TrainingError(GrapeError):
 
 class HubError(GrapeError):
     exit_code = 7
+
+
+class IndexDamaged(GrapeError):
+    """The index folder is there but part of it is missing or unreadable (a table, the
+    manifest). `grape index` repairs what it can; readers stop and say so."""
+
+    exit_code = 8

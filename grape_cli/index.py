@@ -4,24 +4,48 @@ A file is re-embedded only if its (path, size, mtime) changed; a new path whose 
 are already indexed (a move, rename or copy) reuses the stored embedding. Rows are
 committed every `commit_every` images, so a killed run loses at most one batch of work
 and the next run picks up from there. A run that finds nothing changed since the last
-complete one answers from that run's snapshot of file states, without opening LanceDB.
+complete one answers from that run's snapshot of file states, without opening LanceDB,
+once it has checked that the tables are still the ones the snapshot describes.
+
+Only regular files are read, each up to a size limit and within a time limit, so a FIFO,
+a link to a device or a pathological image is one more bad file, listed with its reason.
+A damaged index (a table or the manifest lost) is repaired: what is missing is rebuilt,
+and nothing still readable is thrown away.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from grape_cli.embed import content_hash, describe_error, embed_batches
-from grape_cli.errors import IndexMismatch, InputError
+from grape_cli.embed import (
+    DECODE_TIMEOUT_S,
+    MAX_FILE_BYTES,
+    Reading,
+    content_hash,
+    decode_image,
+    describe_error,
+    embed_batches,
+)
+from grape_cli.errors import IndexDamaged, IndexMismatch, IndexNotFound, InputError
 from grape_cli.quick import refresh_cache
-from grape_cli.store import Store, default_index_dir, path_id, read_snapshot, writer_lock
-from grape_cli.walk import FoundFile, walk_images
+from grape_cli.store import (
+    Store,
+    default_index_dir,
+    path_id,
+    read_snapshot,
+    recover_manifest,
+    writer_lock,
+)
+from grape_cli.walk import FoundFile, Skipped, walk_images
+
+if TYPE_CHECKING:
+    from grape_cli.models import ClipModel
 
 
 class Progress(Protocol):
@@ -52,6 +76,7 @@ class IndexSummary:
     encoded: int = 0
     failed: list[dict] = field(default_factory=list)  # {path, reason, new: bool}
     seconds: float = 0.0
+    repaired: list[str] = field(default_factory=list)  # damage found and repaired
 
     @property
     def images_per_s(self) -> float:
@@ -82,124 +107,214 @@ def index_folders(
     precision: str | None = None,
     commit_every: int = 512,
     progress: Progress | None = None,
+    decode_timeout: float | None = DECODE_TIMEOUT_S,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    decode=decode_image,
 ) -> IndexSummary:
-    """Index (or re-index) `roots` into `index_dir`; see the module docstring."""
-    from grape_cli.models import DEFAULT_CLIP, canonical_clip_spec, load_clip
+    """Index (or re-index) `roots` into `index_dir`; see the module docstring.
+
+    Each file gets `decode_timeout` seconds to be read and decoded and may be at most
+    `max_file_bytes` long; `decode` (file object, draft size) -> (RGB image, size) is
+    Pillow's unless replaced.
+    """
+    from grape_cli.models import load_clip
 
     started = time.perf_counter()
-    progress = progress or _NoProgress()
     index_dir = Path(index_dir or default_index_dir()).expanduser().resolve()
+    root_list = _folders(roots)
+    existing, damaged = _recorded_manifest(index_dir, model)
+    clip = None
+    if existing is None:
+        clip = load_clip(_model_spec(model, None), device, precision)
+        Store.create(index_dir, clip.spec, clip.dim)  # the model is recorded before all else
+        existing = {"model": clip.spec, "dim": clip.dim}
+    with writer_lock(index_dir):
+        found, skipped = walk_images(root_list, exclude, skip_dirs=[index_dir])
+        summary = None
+        if clip is None and not damaged:
+            summary = _unchanged_summary(
+                index_dir, existing, root_list, found, skipped, keep_missing
+            )
+            if summary is not None:
+                refresh_cache(index_dir)  # only if missing or stale
+        if summary is None:
+            store = Store.open_for_write(index_dir, existing["model"], int(existing["dim"]))
+            run = _Run(
+                store,
+                root_list,
+                progress or _NoProgress(),
+                commit_every,
+                Reading(decode_timeout, max_file_bytes, decode),
+                (lambda: clip) if clip else (lambda: load_clip(store.model, device, precision)),
+            )
+            summary = run.run(found, skipped, keep_missing, batch_size, workers)
+            # What a cold `grape search` reads instead of LanceDB and torch; never fails.
+            refresh_cache(index_dir, store=store, clip=run.clip)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _folders(roots: Iterable[str | Path]) -> list[str]:
     root_list = [str(Path(r).expanduser().resolve()) for r in roots]
     for r in root_list:
         if not Path(r).is_dir():
             raise InputError(f"{r} is not a folder", "pass folders of images to index")
     if not root_list:
         raise InputError("no folder to index", "pass one or more folders")
+    return root_list
 
-    # Decide the model before loading anything: a mismatch must fail in milliseconds.
-    existing = Store.read_manifest(index_dir) if Store.exists(index_dir) else None
-    spec = canonical_clip_spec(model) if model else (existing or {}).get("model", DEFAULT_CLIP)
-    if existing and canonical_clip_spec(existing["model"]) != spec:
+
+def _model_spec(model: str | None, manifest: dict | None) -> str:
+    from grape_cli.models import DEFAULT_CLIP, canonical_clip_spec
+
+    return canonical_clip_spec(model) if model else (manifest or {}).get("model", DEFAULT_CLIP)
+
+
+def _recorded_manifest(index_dir: Path, model: str | None) -> tuple[dict | None, bool]:
+    """(the index's manifest or None for a new index, whether it had to be recovered).
+
+    Decided before any model is loaded: a mismatch fails in milliseconds. A damaged
+    manifest is recovered from the images table (`Store.open_for_write` rewrites it);
+    an index whose model cannot be told is refused rather than guessed.
+    """
+    from grape_cli.models import canonical_clip_spec
+
+    damaged = False
+    try:
+        existing = Store.read_manifest(index_dir)
+    except IndexNotFound:
+        return None, False
+    except IndexDamaged as e:
+        existing, damaged = recover_manifest(index_dir, e), True
+    spec = _model_spec(model, existing)
+    if canonical_clip_spec(existing["model"]) != spec:
         raise IndexMismatch(
             f"index {index_dir} was built with {existing['model']}, not {spec}",
             "leave out --model to use the index's model, pass another --index, "
             f"or delete {index_dir} to rebuild",
         )
-    clip = load_clip(spec, device, precision) if existing is None else None
-    index_dir.mkdir(parents=True, exist_ok=True)
-    with writer_lock(index_dir):
-        found, skipped = walk_images(root_list, exclude, skip_dirs=[index_dir])
-        if existing is not None:
-            quick = _unchanged_summary(index_dir, existing, root_list, found, skipped, keep_missing)
-            if quick is not None:
-                refresh_cache(index_dir)  # if stale
-                quick.seconds = time.perf_counter() - started
-                return quick
-            store = Store.open(index_dir)
-        else:
-            store = Store.open_for_write(index_dir, clip.spec, clip.dim)
-        summary = IndexSummary(index=str(index_dir), model=store.model)
-        states = store.file_states()
-        known_failures = store.failures()
-        new_failures = []
-        for s in skipped:
-            failure = known_failures.get(s.path)
-            if failure and (failure["size"], failure["mtime_ns"]) == (s.size, s.mtime_ns):
-                summary.failed.append({"path": s.path, "reason": s.reason, "new": False})
-            else:
-                new_failures.append(
-                    {"path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "reason": s.reason}
-                )
+    return existing, damaged
 
-        todo: list[FoundFile] = []
-        for f in found:
-            state = states.get(f.path)
-            if state and (state.size, state.mtime_ns) == (f.size, f.mtime_ns):
-                summary.unchanged += 1
-                continue
-            failure = known_failures.get(f.path)
-            if failure and (failure["size"], failure["mtime_ns"]) == (f.size, f.mtime_ns):
-                # Failed before and unchanged since: not retried, still reported.
-                summary.failed.append({"path": f.path, "reason": failure["reason"], "new": False})
-                continue
-            todo.append(f)
 
-        # A moved or copied file has the size of a stored one: hash those now (I/O bound,
-        # threads are enough) to reuse their embeddings. The decode workers hash the rest.
-        stored_sizes = {s.size for s in states.values()}
-        candidates = [f for f in todo if f.size in stored_sizes]
-        hashes: dict[str, str] = {}
-        unreadable: set[str] = set()
-        if candidates:
-            progress.start(len(candidates), "hashing")
-            with ThreadPoolExecutor(8) as pool:
-                paths = [f.path for f in candidates]
-                for f, h in zip(candidates, pool.map(_safe_hash, paths), strict=True):
-                    if isinstance(h, Exception):
-                        new_failures.append(
-                            {
-                                "path": f.path,
-                                "size": f.size,
-                                "mtime_ns": f.mtime_ns,
-                                "reason": describe_error(h),
-                            }
-                        )
-                        unreadable.add(f.path)
-                    else:
-                        hashes[f.path] = h
-                    progress.advance(1)
-        todo = [f for f in todo if f.path not in unreadable]
+class _Run:
+    """One full run over an opened index: compare with the walk, reuse the embeddings of
+    moved files, embed the rest, then record failures, remove what is gone and finish.
+
+    `reading` bounds what one file may cost; `load_model` is called only when something
+    needs embedding.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        roots: list[str],
+        progress: Progress,
+        commit_every: int,
+        reading: Reading,
+        load_model: Callable[[], ClipModel],
+    ):
+        self.store, self.roots, self.progress = store, roots, progress
+        self.commit_every, self.reading, self.load_model = commit_every, reading, load_model
+        self.summary = IndexSummary(
+            index=str(store.root), model=store.model, repaired=list(store.repairs)
+        )
+        self.states = store.file_states()
+        self.known_failures = store.failures()
+        self.new_failures: list[dict] = []
+        self.hashes: dict[str, str] = {}  # path -> content hash of what this run stores
+        self.rows: list[dict] = []  # not yet committed
+        self.clip: ClipModel | None = None  # loaded only if something needed embedding
+
+    def run(self, found, skipped, keep_missing: bool, batch_size: int, workers) -> IndexSummary:
+        todo = self._hash_possible_moves(self._changed(found, skipped))
         on_disk = {f.path for f in found}
         # Rows this run deletes; a new path with one's content is that file, moved.
         gone = (
             []
             if keep_missing
-            else [s for p, s in states.items() if p not in on_disk and _under(p, root_list)]
+            else [s for p, s in self.states.items() if p not in on_disk and _under(p, self.roots)]
         )
-        gone_hashes = Counter(s.hash for s in gone)
-        reusable = store.vectors_for_hashes(hashes.values()) if hashes else {}
+        to_encode = self._reuse_stored(todo, Counter(s.hash for s in gone))
+        if to_encode:
+            self._embed(to_encode, batch_size, workers)
+        self._finish(gone)
+        return self.summary
 
-        rows: list[dict] = []
+    def _fail(self, f: FoundFile | Skipped, reason: str) -> None:
+        self.new_failures.append(
+            {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "reason": reason}
+        )
 
-        def row(f: FoundFile, vector, width: int, height: int) -> dict:
-            return {
-                "id": path_id(f.path),
-                "path": f.path,
-                "root": f.root,
-                "size": f.size,
-                "mtime_ns": f.mtime_ns,
-                "hash": hashes[f.path],
-                "width": width,
-                "height": height,
-                "vector": vector,
-            }
+    def _changed(self, found: list[FoundFile], skipped: list[Skipped]) -> list[FoundFile]:
+        """The files to (re-)index; counts the unchanged and the known failures."""
+        summary = self.summary
+        for s in skipped:
+            failure = self.known_failures.get(s.path)
+            if failure and (failure["size"], failure["mtime_ns"]) == (s.size, s.mtime_ns):
+                summary.failed.append({"path": s.path, "reason": s.reason, "new": False})
+            else:
+                self._fail(s, s.reason)
+        todo: list[FoundFile] = []
+        for f in found:
+            state = self.states.get(f.path)
+            if state and (state.size, state.mtime_ns) == (f.size, f.mtime_ns):
+                summary.unchanged += 1
+                continue
+            failure = self.known_failures.get(f.path)
+            if failure and (failure["size"], failure["mtime_ns"]) == (f.size, f.mtime_ns):
+                # Failed before and unchanged since: not retried, still reported.
+                summary.failed.append({"path": f.path, "reason": failure["reason"], "new": False})
+                continue
+            todo.append(f)
+        return todo
 
-        def flush(force: bool = False) -> None:
-            if rows and (force or len(rows) >= commit_every):
-                store.upsert(rows)
-                store.clear_failures([r["path"] for r in rows if r["path"] in known_failures])
-                rows.clear()
+    def _hash_possible_moves(self, todo: list[FoundFile]) -> list[FoundFile]:
+        """A moved or copied file has the size of a stored one: hash those now (I/O bound,
+        threads are enough) to reuse their embeddings. The decode workers hash the rest.
+        Returns `todo` less the files that could not be read."""
+        stored_sizes = {s.size for s in self.states.values()}
+        candidates = [f for f in todo if f.size in stored_sizes]
+        if not candidates:
+            return todo
+        unreadable: set[str] = set()
+        self.progress.start(len(candidates), "hashing")
+        max_bytes = self.reading.max_bytes
+        with ThreadPoolExecutor(8) as pool:
+            hashes = pool.map(lambda f: _safe_hash(f.path, max_bytes), candidates)
+            for f, h in zip(candidates, hashes, strict=True):
+                if isinstance(h, Exception):
+                    self._fail(f, describe_error(h))
+                    unreadable.add(f.path)
+                else:
+                    self.hashes[f.path] = h
+                self.progress.advance(1)
+        return [f for f in todo if f.path not in unreadable]
 
+    def _row(self, f: FoundFile, vector, width: int, height: int) -> dict:
+        return {
+            "id": path_id(f.path),
+            "path": f.path,
+            "root": f.root,
+            "size": f.size,
+            "mtime_ns": f.mtime_ns,
+            "hash": self.hashes[f.path],
+            "width": width,
+            "height": height,
+            "vector": vector,
+        }
+
+    def _flush(self, force: bool = False) -> None:
+        if self.rows and (force or len(self.rows) >= self.commit_every):
+            self.store.upsert(self.rows)
+            self.store.clear_failures(
+                [r["path"] for r in self.rows if r["path"] in self.known_failures]
+            )
+            self.rows.clear()
+
+    def _reuse_stored(self, todo: list[FoundFile], gone_hashes: Counter) -> list[FoundFile]:
+        """Store rows for files whose content is already indexed; returns the others."""
+        hashes = self.hashes
+        reusable = self.store.vectors_for_hashes(hashes.values()) if hashes else {}
         to_encode: list[FoundFile] = []
         for f in todo:
             reuse = reusable.get(hashes.get(f.path))
@@ -207,46 +322,47 @@ def index_folders(
                 to_encode.append(f)
                 continue
             vector, width, height = reuse
-            rows.append(row(f, vector, width, height))
-            if f.path in states:
-                summary.updated += 1
+            self.rows.append(self._row(f, vector, width, height))
+            if f.path in self.states:
+                self.summary.updated += 1
             elif gone_hashes[hashes[f.path]] > 0:
                 gone_hashes[hashes[f.path]] -= 1  # one source per move: two copies are not
-                summary.moved += 1
+                self.summary.moved += 1
             else:
-                summary.added += 1
-            flush()
-        flush(force=True)
+                self.summary.added += 1
+            self._flush()
+        self._flush(force=True)
+        return to_encode
 
-        if to_encode:
-            if clip is None:
-                clip = load_clip(store.model, device, precision)
-            progress.start(len(to_encode), "embedding")
-            paths = [f.path for f in to_encode]
-            for batch, vectors in embed_batches(clip, paths, batch_size, workers):
-                for pos, reason in batch.failures:
+    def _embed(self, to_encode: list[FoundFile], batch_size: int, workers) -> None:
+        clip = self.clip = self.load_model()
+        summary = self.summary
+        self.progress.start(len(to_encode), "embedding")
+        paths = [f.path for f in to_encode]
+        for batch, vectors in embed_batches(clip, paths, batch_size, workers, self.reading):
+            for pos, reason in batch.failures:
+                self._fail(to_encode[pos], reason)
+            if vectors is not None:
+                for j, pos in enumerate(batch.positions):
                     f = to_encode[pos]
-                    new_failures.append(
-                        {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "reason": reason}
-                    )
-                if vectors is not None:
-                    for j, pos in enumerate(batch.positions):
-                        f = to_encode[pos]
-                        hashes[f.path] = batch.hashes[j]
-                        w, h = batch.sizes[j]
-                        rows.append(row(f, vectors[j].tolist(), w, h))
-                        if f.path in states:
-                            summary.updated += 1
-                        else:
-                            summary.added += 1
-                    summary.encoded += len(batch.positions)
-                flush()
-                progress.advance(len(batch.positions) + len(batch.failures))
-            flush(force=True)
+                    self.hashes[f.path] = batch.hashes[j]
+                    self.rows.append(self._row(f, vectors[j].tolist(), *batch.sizes[j]))
+                    if f.path in self.states:
+                        summary.updated += 1
+                    else:
+                        summary.added += 1
+                summary.encoded += len(batch.positions)
+            self._flush()
+            self.progress.advance(len(batch.positions) + len(batch.failures))
+        self._flush(force=True)
 
-        store.record_failures(new_failures)
+    def _finish(self, gone: list) -> None:
+        """Failures, removals, compaction, manifest and snapshot, in an order that keeps a
+        run killed at any point harmless."""
+        store, summary = self.store, self.summary
+        store.record_failures(self.new_failures)
         summary.failed.extend(
-            {"path": r["path"], "reason": r["reason"], "new": True} for r in new_failures
+            {"path": r["path"], "reason": r["reason"], "new": True} for r in self.new_failures
         )
         failed_paths = {r["path"] for r in summary.failed}
 
@@ -254,21 +370,17 @@ def index_folders(
         store.delete_ids(s.id for s in gone)
         summary.removed = len(gone) - summary.moved
         stale_failures = [
-            p for p in known_failures if _under(p, root_list) and p not in failed_paths
+            p for p in self.known_failures if _under(p, self.roots) and p not in failed_paths
         ]
         store.clear_failures(stale_failures)
         # A file that used to index and now fails loses its row: its old embedding is stale.
-        store.delete_ids(states[p].id for p in failed_paths if p in states)
+        store.delete_ids(self.states[p].id for p in failed_paths if p in self.states)
 
         if summary.encoded or summary.removed or summary.moved or summary.updated:
             store.compact()
-        roots_now = sorted(set(store.manifest.get("roots", [])) | set(root_list))
+        roots_now = sorted(set(store.manifest.get("roots", [])) | set(self.roots))
         store.write_manifest(roots=roots_now, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         store.write_snapshot()
-        # What a cold `grape search` reads instead of LanceDB and torch; never fails the run.
-        refresh_cache(index_dir, store=store, clip=clip)
-    summary.seconds = time.perf_counter() - started
-    return summary
 
 
 def _unchanged_summary(
@@ -306,9 +418,9 @@ def _unchanged_summary(
     return None if any(_under(p, roots) for p in gone) else summary
 
 
-def _safe_hash(path: str):
+def _safe_hash(path: str, max_bytes: int):
     try:
-        return content_hash(path)
+        return content_hash(path, max_bytes)
     except Exception as e:
         return e
 

@@ -5,15 +5,20 @@ Layout of an index folder:
   images.lance/      one row per image (see `image_schema`)
   failures.lance/    files that could not be indexed, with the reason
   file-states.json   (path, size, mtime) of every row and failure as a complete run left
-                     them; any write deletes it first, so when present it is current
+                     them, and a fingerprint of the tables' files then; any write deletes
+                     it first. A cache only: trusted while the tables are byte for byte
+                     the ones it describes
   .lock              held (flock) by the one process allowed to write
   search-cache/      derived files for a fast cold `grape search` (grape_cli.quick): the
                      vectors as a .npy matrix and the exported text tower; never the truth,
                      rebuilt at the end of `grape index`, ignored whenever stale
 
-Every write is a LanceDB commit (atomic), and rows are keyed by a stable id derived from
-the path, so a writer killed at any moment leaves a consistent index that the next run
-completes without duplicates.
+A new index appears at once with its manifest and empty tables (see `Store.create`), so
+whatever a killed run leaves, the index knows its model; the images table records the
+model too, so a lost manifest can be rebuilt. Every write is a LanceDB commit (atomic), and rows are keyed by
+a stable id derived from the path, so a writer killed at any moment leaves a consistent
+index that the next run completes without duplicates. Readers refuse a damaged index
+(IndexDamaged); `grape index` repairs it, never discarding rows it can still read.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grape_cli.errors import IndexLocked, IndexMismatch, IndexNotFound
+from grape_cli.errors import IndexDamaged, IndexLocked, IndexMismatch, IndexNotFound, InputError
 
 SCHEMA_VERSION = 1
 MANIFEST = "grape-index.json"
@@ -78,13 +85,40 @@ def writer_lock(root: Path) -> Iterator[None]:
 
 
 def read_snapshot(root: Path) -> dict | None:
-    """{"rows": {path: [size, mtime_ns]}, "failures": {path: [size, mtime_ns, reason]}} as
-    the last complete write left the index, or None. Lets a run that finds nothing changed
-    skip LanceDB altogether (importing it alone takes over a second)."""
+    """{"rows": {path: [size, mtime_ns]}, "failures": {path: [size, mtime_ns, reason]},
+    "tables": fingerprint} as the last complete write left the index, or None when there
+    is none or the tables are no longer the ones it describes (see `table_fingerprint`).
+    Lets a run that finds nothing changed skip LanceDB altogether (importing it alone
+    takes over a second)."""
     try:
-        return json.loads((root / SNAPSHOT).read_text())
-    except (OSError, ValueError):
-        return None
+        snapshot = json.loads((root / SNAPSHOT).read_text())
+        if snapshot["tables"] == table_fingerprint(root):
+            return snapshot
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def table_fingerprint(root: Path) -> dict[str, str | None]:
+    """A digest of the names and sizes of every file of each table, without LanceDB.
+
+    Lance never rewrites a file in place: each commit adds new ones, so equal fingerprints
+    mean the same tables, with the same rows, as when the snapshot was taken. A table
+    removed, replaced, rolled back or missing a file changes it.
+    """
+    prints: dict[str, str | None] = {}
+    for name in (IMAGES, FAILURES):
+        folder = root / f"{name}.lance"
+        if not folder.is_dir():
+            prints[name] = None
+            continue
+        files = sorted(
+            (os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)))
+            for d, _, names in os.walk(folder)
+            for f in names
+        )
+        prints[name] = hashlib.blake2b(repr(files).encode(), digest_size=16).hexdigest()
+    return prints
 
 
 def search_cache_dir(root: Path) -> Path:
@@ -130,9 +164,12 @@ def path_id(path: str) -> str:
     return hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
 
 
-def image_schema(dim: int):
+def image_schema(dim: int, model: str | None = None):
+    """The images table's schema; with `model` (at creation), the table records it, so
+    that the manifest can be rebuilt from the table alone."""
     import pyarrow as pa
 
+    metadata = {"grape.model": model, "grape.dim": str(dim)} if model else None
     return pa.schema(
         [
             ("id", pa.string()),
@@ -144,7 +181,8 @@ def image_schema(dim: int):
             ("width", pa.int32()),
             ("height", pa.int32()),
             ("vector", pa.list_(pa.float32(), dim)),
-        ]
+        ],
+        metadata=metadata,
     )
 
 
@@ -180,6 +218,7 @@ class Store:
         self.manifest = manifest
         self._db = lancedb.connect(str(root))
         self._snapshot_dropped = False
+        self.repairs: list[str] = []  # what open_for_write repaired
 
     # ------------------------------------------------------------------ opening
 
@@ -199,51 +238,97 @@ class Store:
     def read_manifest(cls, root: str | Path) -> dict:
         root = Path(root)
         if not (root / MANIFEST).is_file():
+            if (root / f"{IMAGES}.lance").exists():
+                raise _damaged(root, f"{MANIFEST} is missing")
             raise IndexNotFound(
                 f"no grape index at {root}",
                 "build one with `grape index PHOTOS_DIR` (or pass --index)",
             )
-        manifest = json.loads((root / MANIFEST).read_text())
+        try:
+            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise _damaged(root, f"{MANIFEST} cannot be read ({_first_line(e)})") from None
+        if not isinstance(manifest, dict):
+            raise _damaged(root, f"{MANIFEST} is not a JSON object")
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise IndexMismatch(
                 f"index {root} has schema version {manifest.get('schema_version')}, this grape "
                 f"reads version {SCHEMA_VERSION}",
                 f"rebuild it: delete {root} and run grape index",
             )
+        if not isinstance(manifest.get("model"), str) or not isinstance(manifest.get("dim"), int):
+            raise _damaged(root, f"{MANIFEST} does not name the model and its dimension")
         return manifest
 
     @classmethod
     def open(cls, root: str | Path) -> Store:
+        """Open an index to read it; a missing table is IndexDamaged (`grape index` repairs)."""
         root = Path(root).expanduser().resolve()
-        return cls(root, cls.read_manifest(root))
+        manifest = cls.read_manifest(root)
+        for name in (IMAGES, FAILURES):
+            if not (root / f"{name}.lance").is_dir():
+                raise _damaged(root, f"its table {name} is missing")
+        return cls(root, manifest)
+
+    @classmethod
+    def create(cls, root: str | Path, model: str, dim: int) -> None:
+        """Start a new index, recording its model before anything else can happen.
+
+        The folder appears at once with its manifest and empty tables (built in a hidden
+        folder beside it, then renamed): a run killed at any moment leaves either no
+        index or one that knows its model. In a folder that already exists (made empty
+        beforehand), the tables, which record the model too, come before the manifest.
+        When another process created the index first, it must have chosen the same model.
+        """
+        root = Path(root).expanduser().resolve()
+        if root.exists() and not root.is_dir():
+            raise InputError(f"{root} is a file, not an index folder", "pass another --index")
+        manifest = _new_manifest(model, dim)
+        if not root.exists() and _create_beside(root, manifest):
+            return
+        if not (root / MANIFEST).exists():
+            cls(root, manifest)._create_tables()
+            if _link_manifest(root, manifest):
+                return
+        recorded = cls.read_manifest(root)
+        if (recorded["model"], recorded["dim"]) != (model, dim):
+            raise _mismatch(root, recorded, model, dim)
+
+    def _create_tables(self) -> None:
+        self._create_table(IMAGES, image_schema(self.dim, self.model))
+        self._create_table(FAILURES, failure_schema())
 
     @classmethod
     def open_for_write(cls, root: str | Path, model: str, dim: int) -> Store:
-        """Open (or create) an index for `model`; refuses one built with another model."""
+        """Open (or create) an index for `model`; refuses one built with another model.
+
+        Repairs what a reader refuses, keeping every row it can read: a damaged manifest
+        is rebuilt from what the images table records, a missing table is created, and
+        one that cannot be read is moved aside (`images.lance.damaged-TIME`) and created
+        anew. `store.repairs` says what was done. Call it holding the writer lock.
+        """
         root = Path(root).expanduser().resolve()
-        if cls.exists(root):
+        repairs = []
+        try:
             store = cls.open(root)
-            if store.model != model or store.dim != dim:
-                raise IndexMismatch(
-                    f"index {root} was built with {store.model} (dim {store.dim}), "
-                    f"not {model} (dim {dim})",
-                    "leave out --model to use the index's model, pass another --index, "
-                    f"or delete {root} to rebuild",
-                )
-            return store
-        root.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "model": model,
-            "dim": dim,
-            "created": _now(),
-            "updated": _now(),
-            "roots": [],
-        }
-        store = cls(root, manifest)
-        store._db.create_table(IMAGES, schema=image_schema(dim), exist_ok=True)
-        store._db.create_table(FAILURES, schema=failure_schema(), exist_ok=True)
-        store.write_manifest()  # last: an index without a manifest is simply rebuilt
+        except IndexNotFound:
+            cls.create(root, model, dim)
+            store = cls(root, cls.read_manifest(root))
+        except IndexDamaged:
+            try:
+                store = cls(root, cls.read_manifest(root))  # only a table is missing
+            except IndexDamaged as e:
+                store = cls(root, recover_manifest(root, e))
+                repairs.append(f"{e.damage}: rebuilt from the images table")
+        if (store.model, store.dim) != (model, dim):
+            raise _mismatch(root, store.manifest, model, dim)
+        if repairs:
+            store.write_manifest()
+        for name, schema in ((IMAGES, image_schema(dim, model)), (FAILURES, failure_schema())):
+            repair = store._ensure_table(name, schema)
+            if repair:
+                repairs.append(repair)
+        store.repairs = repairs
         return store
 
     def write_manifest(self, **updates: Any) -> None:
@@ -257,7 +342,8 @@ class Store:
         rows = {p: [s.size, s.mtime_ns] for p, s in self.file_states().items()}
         failures = {p: [f["size"], f["mtime_ns"], f["reason"]] for p, f in self.failures().items()}
         tmp = self.root / (SNAPSHOT + ".tmp")
-        tmp.write_text(json.dumps({"rows": rows, "failures": failures}))
+        tables = table_fingerprint(self.root)
+        tmp.write_text(json.dumps({"rows": rows, "failures": failures, "tables": tables}))
         os.replace(tmp, self.root / SNAPSHOT)
         self._snapshot_dropped = False  # the next write through this Store drops it again
 
@@ -273,22 +359,59 @@ class Store:
 
     @property
     def images(self):
-        return self._db.open_table(IMAGES)
+        return self._table(IMAGES)
 
     @property
     def failures_table(self):
-        return self._db.open_table(FAILURES)
+        return self._table(FAILURES)
+
+    def _table(self, name: str):
+        try:
+            return self._db.open_table(name)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise _damaged(
+                self.root, f"its table {name} cannot be opened ({_first_line(e)})"
+            ) from e
 
     def count(self) -> int:
-        return self.images.count_rows()
+        with self._reading(IMAGES):
+            return self.images.count_rows()
+
+    @contextmanager
+    def _reading(self, name: str) -> Iterator[None]:
+        """Lance errors while reading a table (a data file gone) become IndexDamaged."""
+        try:
+            yield
+        except (OSError, ValueError, RuntimeError) as e:
+            raise _damaged(self.root, f"its table {name} cannot be read ({_first_line(e)})") from e
 
     def _scan(self, table, columns: list[str]):
-        n = table.count_rows()
-        if n == 0:
-            import pyarrow as pa
+        with self._reading(table.name):
+            n = table.count_rows()
+            if n == 0:
+                import pyarrow as pa
 
-            return pa.table({c: [] for c in columns})
-        return table.search().select(columns).limit(n).to_arrow()
+                return pa.table({c: [] for c in columns})
+            return table.search().select(columns).limit(n).to_arrow()
+
+    def _create_table(self, name: str, schema) -> None:
+        self._db.create_table(name, schema=schema, exist_ok=True)
+
+    def _ensure_table(self, name: str, schema) -> str | None:
+        """Create a missing table; move an unreadable one aside first. What was done, or
+        None when the table is sound."""
+        folder = self.root / f"{name}.lance"
+        if not folder.exists():
+            self._create_table(name, schema)
+            return f"table {name} was missing: created again"
+        try:
+            self._scan(self._table(name), ["id"])  # reads every data file's id column
+            return None
+        except IndexDamaged as e:
+            aside = folder.with_name(f"{folder.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(folder, aside)
+            self._create_table(name, schema)
+            return f"{e.damage}: moved to {aside.name}, created again"
 
     def file_states(self) -> dict[str, FileState]:
         """path -> (id, size, mtime, hash) for every row: what incremental indexing compares."""
@@ -428,6 +551,106 @@ class Store:
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+
+
+REPAIR_HINT = (
+    "run `grape index` on its folders with --index {root} to repair it "
+    "(rows it can still read are kept)"
+)
+
+
+def _damaged(root: Path, what: str) -> IndexDamaged:
+    e = IndexDamaged(f"index {root} is damaged: {what}", REPAIR_HINT.format(root=root))
+    e.damage = what  # for the list of repairs
+    return e
+
+
+def _mismatch(root: Path, manifest: dict, model: str, dim: int) -> IndexMismatch:
+    return IndexMismatch(
+        f"index {root} was built with {manifest['model']} (dim {manifest['dim']}), "
+        f"not {model} (dim {dim})",
+        "leave out --model to use the index's model, pass another --index, "
+        f"or delete {root} to rebuild",
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _new_manifest(model: str, dim: int) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "dim": dim,
+        "created": _now(),
+        "updated": _now(),
+        "roots": [],
+    }
+
+
+def _create_beside(root: Path, manifest: dict) -> bool:
+    """Build the index in a hidden folder beside `root`, then rename it to `root` (atomic).
+    False when `root` appeared meanwhile (another process is creating it)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        store = Store(tmp, manifest)
+        store._create_tables()
+        store.write_manifest()
+        os.rename(tmp, root)  # fails if root is there, unless it is an empty folder
+        return True
+    except OSError:
+        if not root.is_dir():
+            raise
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_manifest(root: Path, manifest: dict) -> bool:
+    """Write the manifest into `root` unless one is there already: True if this did."""
+    tmp = root / f"{MANIFEST}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    try:
+        os.link(tmp, root / MANIFEST)  # atomic, and never over another process's
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links
+        if (root / MANIFEST).exists():
+            return False
+        os.replace(tmp, root / MANIFEST)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def recover_manifest(root: Path, damage: IndexDamaged) -> dict:
+    """A manifest rebuilt from the images table, which records its model since grape
+    0.2; IndexDamaged, with what to do, when it cannot be."""
+    import lancedb
+
+    db = lancedb.connect(str(root))
+    try:
+        table = db.open_table(IMAGES)
+        meta = table.schema.metadata or {}
+        roots = table.search().select(["root"]).limit(table.count_rows() or 1).to_arrow()
+    except (OSError, ValueError, RuntimeError):
+        meta, roots = {}, None
+    model, dim = meta.get(b"grape.model"), meta.get(b"grape.dim")
+    if model is None or dim is None:
+        found = "its images table does not record" if roots is not None else "no table records"
+        raise IndexDamaged(
+            f"{damage.message}, and {found} the model",
+            f"restore {root / MANIFEST} from a backup, or move {root} away and index again "
+            "(grape does not guess the model of stored embeddings)",
+        ) from None
+    manifest = _new_manifest(model.decode(), int(dim))
+    manifest["roots"] = sorted(set(roots.column("root").to_pylist()))
+    return manifest
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:

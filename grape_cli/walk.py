@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,24 @@ class Skipped:
 def printable(path: str) -> str:
     """A path that can be stored and shown, even if its bytes are not valid UTF-8."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def not_regular_reason(mode: int) -> str | None:
+    """Why a file of this st_mode cannot be read as a photo, or None for a regular file.
+    Opening a FIFO blocks until a writer comes; a device such as /dev/zero never ends."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+    return f"not a regular file ({kind})"
 
 
 def is_image_name(name: str) -> bool:
@@ -91,18 +110,25 @@ def walk_images(
                         Skipped(printable(entry.path), 0, 0, f"cannot stat: {e.strerror}")
                     )
                     continue
-                try:
-                    entry.path.encode("utf-8")
-                except UnicodeEncodeError:
+                reason = _skip_reason(entry.path, st.st_mode)
+                if reason:
                     skipped.append(
-                        Skipped(
-                            printable(entry.path),
-                            st.st_size,
-                            st.st_mtime_ns,
-                            "file name is not valid UTF-8",
-                        )
+                        Skipped(printable(entry.path), st.st_size, st.st_mtime_ns, reason)
                     )
                     continue
                 found.append(FoundFile(entry.path, root, st.st_size, st.st_mtime_ns))
     found.sort(key=lambda f: f.path)
     return found, skipped
+
+
+def _skip_reason(path: str, mode: int) -> str | None:
+    """Why a file with an image name is not indexed, or None. Only regular files are read:
+    opening a FIFO blocks forever, and a link to a device such as /dev/zero never ends."""
+    reason = not_regular_reason(mode)
+    if reason:
+        return reason
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    return None

@@ -148,3 +148,17 @@ def test_unreadable_folder_is_reported(tmp_path):
     finally:
         os.chmod(tmp_path / "locked", 0o755)
     assert [s.reason for s in skipped] == ["folder unreadable: Permission denied"]
+
+
+def test_only_regular_files_are_listed(tmp_path):
+    """A FIFO blocks whoever opens it; a link to /dev/zero never ends: skipped, with why."""
+    touch(tmp_path / "ok.jpg")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    os.symlink(tmp_path / "ok.jpg", tmp_path / "link.jpg")  # a link to a file is fine
+    found, skipped = walk_with_timeout([tmp_path])
+    assert names(found) == ["link.jpg", "ok.jpg"]
+    assert {os.path.basename(s.path): s.reason for s in skipped} == {
+        "fifo.jpg": "not a regular file (a FIFO)",
+        "zero.png": "not a regular file (a character device)",
+    }

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from grape_cli.cli import app
-from grape_cli.cli.render import console, print_json
+from grape_cli.cli.render import console, plain, print_json
 
 
 def _size(n: int) -> str:
@@ -71,19 +72,28 @@ def push_cmd(
     if json_out:
         print_json(result.to_dict())
         return
-    title = f"dry run: {result.folder}" if result.dry_run else f"pushed to {result.repo_id}"
+    title = Text.assemble(
+        "dry run: " if result.dry_run else "pushed to ",
+        plain(result.folder if result.dry_run else result.repo_id),
+    )
     table = Table(title=title, title_justify="left")
     table.add_column("file")
     table.add_column("size", justify="right")
     for path, size in result.files:
-        table.add_row(path, _size(size))
+        table.add_row(plain(path), _size(size))
     table.add_row(f"[bold]{len(result.files)} files[/]", f"[bold]{_size(result.total_bytes)}[/]")
     console.print(table)
     if result.dry_run:
-        console.print(f"nothing uploaded; `grape push {run_dir} {repo_id}` uploads this folder")
+        console.print(
+            Text.assemble(
+                "nothing uploaded; `grape push ",
+                plain(f"{run_dir} {repo_id}"),
+                "` uploads this folder",
+            )
+        )
         return
     for path in result.deleted:
-        console.print(f"[dim]removed stale {path}[/]")
+        console.print(plain(f"removed stale {path}", "dim"))
     spec = f"{repo_id}@{revision}" if revision and revision != "main" else repo_id
-    console.print(f"commit: {result.url or result.commit}")
-    console.print(f"use it: grape search QUERY --rewriter {spec}")
+    console.print(Text.assemble("commit: ", plain(result.url or result.commit)))
+    console.print(Text.assemble("use it: grape search QUERY --rewriter ", plain(spec)))

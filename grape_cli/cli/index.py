@@ -6,10 +6,12 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from grape_cli.cli import app
 from grape_cli.cli.progress import progress_for
-from grape_cli.cli.render import console, print_json
+from grape_cli.cli.render import console, err_console, plain, print_json
+from grape_cli.embed import DECODE_TIMEOUT_S
 
 INDEX_HELP = "Index folder. Default: $GRAPE_INDEX, else $GRAPE_HOME/index."
 
@@ -39,6 +41,13 @@ def index_cmd(
     precision: str = typer.Option(
         None, "--precision", help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)."
     ),
+    decode_timeout: float = typer.Option(
+        DECODE_TIMEOUT_S,
+        "--decode-timeout",
+        min=0.0,
+        help="Seconds one file may take to read and decode before it is skipped (0: no "
+        "limit). Like other bad files, it is retried once it changes.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     # Hidden: rows per LanceDB commit; tests lower it to kill a run between commits.
     commit_every: int = typer.Option(512, "--commit-every", min=1, hidden=True),
@@ -64,11 +73,21 @@ def index_cmd(
             precision=precision,
             commit_every=commit_every,
             progress=progress,
+            decode_timeout=decode_timeout or None,
+        )
+    for repair in summary.repaired:
+        err_console.print(
+            Text.assemble(("repaired", "yellow"), ": ", plain(repair)), soft_wrap=True
         )
     if json_out:
         print_json(summary.to_dict())
         return
-    table = Table(title=f"grape index: {summary.index}", show_header=False, title_justify="left")
+    _print_summary(summary)
+
+
+def _print_summary(summary) -> None:
+    title = Text.assemble("grape index: ", plain(summary.index))
+    table = Table(title=title, show_header=False, title_justify="left")
     for name in ("added", "updated", "moved", "removed", "unchanged"):
         table.add_row(name, str(getattr(summary, name)))
     table.add_row("failed", str(len(summary.failed)))
@@ -78,8 +97,10 @@ def index_cmd(
     if summary.failed:
         console.print(f"[yellow]{len(summary.failed)} file(s) skipped:[/]")
         for f in summary.failed[:20]:
-            note = "" if f["new"] else " [dim](unchanged since it failed; not retried)[/]"
-            console.print(f"  {f['path']}: {f['reason']}{note}", highlight=False)
+            line = Text.assemble("  ", plain(f["path"]), ": ", plain(f["reason"]))
+            if not f["new"]:
+                line.append(" (unchanged since it failed; not retried)", style="dim")
+            console.print(line, soft_wrap=True)  # long paths stay whole, for copying
         if len(summary.failed) > 20:
             console.print(f"  ... and {len(summary.failed) - 20} more (see --json)")
 
@@ -96,9 +117,12 @@ def info_cmd(
     if json_out:
         print_json(info)
         return
-    table = Table(show_header=False, title=f"grape index {info['index']}", title_justify="left")
+    title = Text.assemble("grape index ", plain(info["index"]))
+    table = Table(show_header=False, title=title, title_justify="left")
+    table.add_column()
+    table.add_column(overflow="fold")  # paths whole, over several lines if need be
     for key in ("model", "dim", "schema_version", "images", "failures", "created", "updated"):
-        table.add_row(key, str(info[key]))
-    table.add_row("roots", "\n".join(info["roots"]) or "-")
+        table.add_row(key, plain(info[key]))
+    table.add_row("roots", Text("\n").join(plain(r) for r in info["roots"]) or "-")
     table.add_row("size on disk", f"{info['size_bytes'] / 1e6:.1f} MB")
     console.print(table)

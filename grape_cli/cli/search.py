@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from grape_cli.cli import app
 from grape_cli.cli.progress import progress_for
-from grape_cli.cli.render import console, err_console, print_json
+from grape_cli.cli.render import console, err_console, plain, print_json
 from grape_cli.errors import InputError
 
 INDEX_HELP = "Index folder. Default: $GRAPE_INDEX, else $GRAPE_HOME/index."
@@ -147,31 +147,38 @@ def search_cmd(
     else:
         if result.rewriter_default:
             err_console.print(
-                f"rewriter: {escape(_display_name(result.rewriter))}, the index's default "
-                "(--rewriter none to search without it)",
-                highlight=False,
+                Text.assemble(
+                    "rewriter: ",
+                    plain(_display_name(result.rewriter)),
+                    ", the index's default (--rewriter none to search without it)",
+                )
             )
         if result.query:
-            console.print(f"[bold]query[/]: {escape(shorten(result.query))}", highlight=False)
+            console.print(Text.assemble(("query", "bold"), ": ", plain(shorten(result.query))))
         if result.rewriter != "none":
             for i, text in enumerate(result.rewrites, start=1):
                 label = f"rewrite {i}" if len(result.rewrites) > 1 else "rewrite"
                 console.print(
-                    f"[bold cyan]{label}[/] ({escape(_display_name(result.rewriter))}): {escape(text)}",
-                    highlight=False,
+                    Text.assemble(
+                        (label, "bold cyan"),
+                        " (",
+                        plain(_display_name(result.rewriter)),
+                        "): ",
+                        plain(text),
+                    )
                 )
         if result.image:
             weight = f", weight {result.image_weight:g}" if result.image_weight is not None else ""
-            console.print(f"[bold]image[/]: {escape(result.image)}{weight}", highlight=False)
+            console.print(Text.assemble(("image", "bold"), ": ", plain(result.image), weight))
         table = Table(title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column(result.score_kind, justify="right")
         table.add_column("path", overflow="fold")
         for hit in result.hits:
-            table.add_row(str(hit.rank), f"{hit.score:.4f}", escape(hit.path))
+            table.add_row(str(hit.rank), f"{hit.score:.4f}", plain(hit.path))
         console.print(table)
     if html is not None:
-        err_console.print(f"wrote {escape(str(written))}", highlight=False)
+        err_console.print(Text.assemble("wrote ", plain(written)))
     if timings:
         output = {"output": time.perf_counter() - output_started}  # rendering, for benchmarks
         err_console.print(
@@ -282,18 +289,22 @@ def eval_cmd(
         )
     if report.missing:
         err_console.print(
-            f"[yellow]{len(report.missing)} target(s) not in the index[/]: "
-            f"{escape(describe_missing(report.missing))}; "
-            f"{len(report.skipped_lines)} pair(s) with no indexed target skipped "
-            "(--strict to fail instead)",
-            highlight=False,
+            Text.assemble(
+                (f"{len(report.missing)} target(s) not in the index", "yellow"),
+                ": ",
+                plain(describe_missing(report.missing)),
+                f"; {len(report.skipped_lines)} pair(s) with no indexed target skipped "
+                "(--strict to fail instead)",
+            )
         )
     if json_out:
         print_json(report.to_dict())
         _end_process()
         return
     table = Table(
-        title=f"grape eval: {report.n_evaluated} of {report.n_pairs} pairs, {escape(report.model)}",
+        title=Text.assemble(
+            f"grape eval: {report.n_evaluated} of {report.n_pairs} pairs, ", plain(report.model)
+        ),
         title_justify="left",
     )
     table.add_column("rewriter", overflow="fold")
@@ -305,7 +316,7 @@ def eval_cmd(
         name = _display_name(row.rewriter)
         name += f" ×{row.rewrites_per_query}" if row.rewrites_per_query > 1 else ""
         table.add_row(
-            escape(name),
+            plain(name),
             *(_cell(m[f"recall@{k}"], d.get(f"recall@{k}")) for k in (1, 5, 10)),
             _cell(m["mrr"], d.get("mrr")),
             _cell(m["median_rank"], d.get("median_rank"), lower_is_better=True, fmt="{:g}"),
@@ -315,10 +326,11 @@ def eval_cmd(
     for row in report.rows:
         if row.fallbacks:
             err_console.print(
-                f"[yellow]{escape(row.rewriter)}[/]: {row.fallbacks} empty rewrite(s) replaced by the "
-                "query itself",
-                highlight=False,
+                Text.assemble(
+                    plain(row.rewriter, "yellow"),
+                    f": {row.fallbacks} empty rewrite(s) replaced by the query itself",
+                )
             )
     if report.per_query:
-        err_console.print(f"per-query results: {escape(report.per_query)}", highlight=False)
+        err_console.print(Text.assemble("per-query results: ", plain(report.per_query)))
     _end_process()

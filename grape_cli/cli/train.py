@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from grape_cli.cli import app
 from grape_cli.cli.progress import TRAIN_FIELDS, progress_for
-from grape_cli.cli.render import console, err_console, print_json
+from grape_cli.cli.render import console, err_console, plain, print_json
 from grape_cli.cli.search import INDEX_HELP, PROMPT_HELP, _cell, _prompt
 from grape_cli.errors import GrapeError
 from grape_cli.reward import REWARDS
@@ -273,7 +272,7 @@ def _render(result) -> None:
             else {}
         )
         table.add_row(
-            escape(name),
+            plain(name),
             *(_cell(m[f"recall@{k}"], d.get(f"recall@{k}")) for k in (1, 5, 10)),
             _cell(m["mrr"], d.get("mrr")),
             _cell(m["median_rank"], d.get("median_rank"), lower_is_better=True, fmt="{:g}"),
