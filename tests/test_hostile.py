@@ -153,7 +153,7 @@ def test_fifo_as_the_query_image_fails_at_once(tmp_path, tiny_clip, photos, cli)
 
     r = in_thread(lambda: cli("search", "--image", fifo, "--index", idx), 30, unblock)
     assert r.exit_code == InputError.exit_code, r.output
-    assert f"cannot read --image {fifo}" in r.stderr
+    assert f"cannot read image {fifo}: not a regular file" in r.stderr
 
 
 def test_file_over_the_size_limit_is_skipped_with_reason(tmp_path, tiny_clip):
