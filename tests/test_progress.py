@@ -23,6 +23,7 @@ def test_line_progress_reports_counts_rate_stats_and_eta():
     assert any("1/4 step (25%)" in x and "eta" in x for x in lines)
     assert any("reward 0.500, rank 3.2" in x for x in lines)
     assert lines[-1].startswith("training: 4/4 step (100%)") and "eta" not in lines[-1]
+    assert sum("4/4 step" in x for x in lines) == 1, "the finished stage is printed once"
 
 
 def test_line_progress_is_quiet_between_intervals():

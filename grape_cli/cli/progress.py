@@ -57,18 +57,21 @@ class LineProgress:
         self.description, self.total, self.done = "", 0, 0
         self.fields: dict = {}
         self.started = self.last = 0.0
+        self.ended = False  # the line of a finished stage is printed once
 
     def __enter__(self) -> LineProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.total and exc[0] is None:
+        if self.total and exc[0] is None and not self.ended:
+            self.ended = True
             self._print()
 
     def start(self, total: int, description: str) -> None:
-        if self.total and self.done < self.total:
+        if self.total and not self.ended:
             self._print()  # the stage before this one, as it ended
         self.description, self.total, self.done = description, total, 0
+        self.ended = False
         self.started = self.last = time.monotonic()
         self._print()
 
@@ -81,8 +84,12 @@ class LineProgress:
         self._maybe_print()
 
     def _maybe_print(self) -> None:
+        # A finished stage is printed once, when it is closed (the next stage starts or
+        # the run ends), so that its line carries the last step's figures too.
+        if self.total and self.done >= self.total:
+            return
         now = time.monotonic()
-        if now - self.last >= self.interval or (self.total and self.done >= self.total):
+        if now - self.last >= self.interval:
             self.last = now
             self._print()
 
