@@ -34,7 +34,9 @@ def test_line_progress_is_quiet_between_intervals():
         p.advance(1)
     assert len(out.getvalue().splitlines()) == 1  # the start line only, until the end
     p.advance(1)
+    p.__exit__(None, None, None)
     assert len(out.getvalue().splitlines()) == 2
+    assert out.getvalue().splitlines()[-1].startswith("embed: 1,000/1,000 img (100%)")
 
 
 def test_grape_index_prints_progress_lines_into_a_log(tmp_path, tiny_clip, photos):
