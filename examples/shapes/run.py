@@ -62,11 +62,16 @@ def grape(*args, json_out: bool = True) -> dict | str:
     """Run a grape command in a subprocess, exactly as a user would; JSON result."""
     cmd = [sys.executable, "-m", "grape_cli", *map(str, args)] + (["--json"] if json_out else [])
     log("$ grape " + " ".join(map(str, args)))
+    # stderr goes straight to the log: grape's progress lines (one every 10 s when it is
+    # not a terminal) show how a long GRPO run is going.
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        cmd,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
+        sys.stderr.write(proc.stdout)
         raise SystemExit(f"grape {args[0]} failed with exit code {proc.returncode}")
     return json.loads(proc.stdout) if json_out else proc.stdout
 
