@@ -71,34 +71,11 @@ QUERIES = list(CAPTIONS)
 
 def teach(base: Path, out: Path, steps: int = 80) -> Path:
     """Fine-tune `base` until it answers each query of CAPTIONS with its caption and stops
-    (the same recipe as the test suite's `teach_lm` fixture)."""
-    import torch
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    (the test suite's recipe, `grape_cli.tiny.teach_lm`)."""
+    from grape_cli.prompt import PromptTemplate
+    from grape_cli.tiny import teach_lm
 
-    from grape_cli.prompt import PromptTemplate, render_prompt
-
-    tok = PreTrainedTokenizerFast.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    seqs = []
-    for query, answer in CAPTIONS.items():
-        p = tok(render_prompt(tok, PromptTemplate(), query), add_special_tokens=False)["input_ids"]
-        a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
-        seqs.append((p + a, [-100] * len(p) + a))
-    n = max(len(s) for s, _ in seqs)
-    ids = torch.tensor([[tok.pad_token_id] * (n - len(s)) + s for s, _ in seqs])
-    labels = torch.tensor([[-100] * (n - len(lab)) + lab for _, lab in seqs])
-    mask = (ids != tok.pad_token_id).long()
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return teach_lm(base, out, CAPTIONS, PromptTemplate(), steps, lr=3e-3)
 
 
 def generated_tokens(lm: Path) -> float:

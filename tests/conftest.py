@@ -99,33 +99,9 @@ def cli():
 
 
 def _teach_lm(base, out, examples: dict[str, str], prompt, steps: int = 60):
-    """Fine-tune the tiny LM until it answers each query with its caption; save to `out`."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from grape_cli.tiny import teach_lm
 
-    from grape_cli.prompt import render_prompt
-
-    tok = PreTrainedTokenizerFast.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    seqs = []
-    for query, answer in examples.items():
-        p = tok(render_prompt(tok, prompt, query), add_special_tokens=False)["input_ids"]
-        a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
-        seqs.append((p + a, [-100] * len(p) + a))
-    n = max(len(s) for s, _ in seqs)
-    ids = torch.tensor([[tok.pad_token_id] * (n - len(s)) + s for s, _ in seqs])
-    labels = torch.tensor([[-100] * (n - len(lab)) + lab for _, lab in seqs])
-    mask = (ids != tok.pad_token_id).long()
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return teach_lm(base, out, examples, prompt, steps)
 
 
 @pytest.fixture(scope="session")
