@@ -145,38 +145,7 @@ def search_cmd(
     if json_out:
         print_json(result.to_dict())
     else:
-        if result.rewriter_default:
-            err_console.print(
-                Text.assemble(
-                    "rewriter: ",
-                    plain(_display_name(result.rewriter)),
-                    ", the index's default (--rewriter none to search without it)",
-                )
-            )
-        if result.query:
-            console.print(Text.assemble(("query", "bold"), ": ", plain(shorten(result.query))))
-        if result.rewriter != "none":
-            for i, text in enumerate(result.rewrites, start=1):
-                label = f"rewrite {i}" if len(result.rewrites) > 1 else "rewrite"
-                console.print(
-                    Text.assemble(
-                        (label, "bold cyan"),
-                        " (",
-                        plain(_display_name(result.rewriter)),
-                        "): ",
-                        plain(text),
-                    )
-                )
-        if result.image:
-            weight = f", weight {result.image_weight:g}" if result.image_weight is not None else ""
-            console.print(Text.assemble(("image", "bold"), ": ", plain(result.image), weight))
-        table = Table(title_justify="left")
-        table.add_column("rank", justify="right")
-        table.add_column(result.score_kind, justify="right")
-        table.add_column("path", overflow="fold")
-        for hit in result.hits:
-            table.add_row(str(hit.rank), f"{hit.score:.4f}", plain(hit.path))
-        console.print(table)
+        _render_result(result)
     if html is not None:
         err_console.print(Text.assemble("wrote ", plain(written)))
     if timings:
@@ -187,6 +156,42 @@ def search_cmd(
             )
         )
     _end_process()
+
+
+def _render_result(result) -> None:
+    """The human output of a search: the rewriter used, query, rewrites, hits."""
+    if result.rewriter_default:
+        err_console.print(
+            Text.assemble(
+                "rewriter: ",
+                plain(_display_name(result.rewriter)),
+                ", the index's default (--rewriter none to search without it)",
+            )
+        )
+    if result.query:
+        console.print(Text.assemble(("query", "bold"), ": ", plain(shorten(result.query))))
+    if result.rewriter != "none":
+        for i, text in enumerate(result.rewrites, start=1):
+            label = f"rewrite {i}" if len(result.rewrites) > 1 else "rewrite"
+            console.print(
+                Text.assemble(
+                    (label, "bold cyan"),
+                    " (",
+                    plain(_display_name(result.rewriter)),
+                    "): ",
+                    plain(text),
+                )
+            )
+    if result.image:
+        weight = f", weight {result.image_weight:g}" if result.image_weight is not None else ""
+        console.print(Text.assemble(("image", "bold"), ": ", plain(result.image), weight))
+    table = Table(title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column(result.score_kind, justify="right")
+    table.add_column("path", overflow="fold")
+    for hit in result.hits:
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", plain(hit.path))
+    console.print(table)
 
 
 def _no_rewriter(spec: str | None, index: Path | None) -> bool:
