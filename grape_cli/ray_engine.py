@@ -30,7 +30,8 @@ merge_insert does for the local engine, without every vector passing through the
 Crash safety. Ray Data restarts a dead embedding actor and retries its batch; a task
 that dies is retried. A fragment written by an attempt whose result never came back is
 never committed (only results the driver receives are), so it cannot duplicate a row;
-it is an unreferenced file that Lance's cleanup removes. A driver killed mid-run keeps
+it stays an unreferenced file, which Lance's cleanup (part of each run's compaction)
+deletes once it is a week old. A driver killed mid-run keeps
 every commit made so far, and the next run embeds only the rest, as with the local
 engine. Every commit also deletes, from the fragments already in the table, any row with
 an id it adds, so even a batch delivered twice would not duplicate.
@@ -43,6 +44,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -81,6 +84,10 @@ def connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray's C++ core logs at ERROR that Ray Data's actors keep their constructor
+    # arguments in the object store (ray-project/ray#53727), on every run: only a fatal
+    # error of its own is worth a line on the user's terminal (all are in Ray's log files).
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -99,7 +106,8 @@ def _quiet_data_context():
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # Its errors too: a failure becomes one ClusterError (see `_failure`).
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     return ctx
 
 
@@ -126,6 +134,38 @@ def _model_memory(clip) -> int:
     return 2 * weights + (256 << 20)
 
 
+def _failure(e: BaseException) -> GrapeError:
+    """What a failed pipeline raises: the worker's own GrapeError when Ray kept it, else a
+    ClusterError naming the exception that ended it."""
+    inner, seen = e, set()
+    while inner is not None and id(inner) not in seen:  # Ray wraps it once or twice
+        seen.add(id(inner))
+        if isinstance(inner, GrapeError):
+            return inner
+        cause = getattr(inner, "cause", None)
+        inner = cause if isinstance(cause, BaseException) else inner.__cause__
+        if inner is not None and not type(inner).__module__.startswith("ray."):
+            if isinstance(inner, GrapeError):
+                return inner
+            return _cluster_error(f"{type(inner).__name__}: {_first_line(inner)}")
+    # An actor that died in its constructor: Ray kept only the text of the traceback.
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    raised = [line for line in lines if _RAISED.match(line)]
+    return _cluster_error((raised or lines or [type(e).__name__])[-1])
+
+
+def _cluster_error(reason: str) -> ClusterError:
+    return ClusterError(
+        f"the Ray pipeline failed: {reason}",
+        "rows committed so far are kept; fix the cause and run the same command again "
+        "(Ray's logs: /tmp/ray/session_latest/logs on the head node)",
+    )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*: ")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -148,9 +188,18 @@ def split_preprocess(preprocess):
     return T.Compose(steps[:cut]), T.Compose(steps[cut:])
 
 
-def decode_stage(batch: dict, head, image_size: int, reading) -> dict:
+def blank_pixels(head, image_size: int):
+    """What `head` makes of an image, as an array: the shape and type of every image's
+    pixels (open_clip's transforms always resize and crop to one size)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(head(Image.new("RGB", (image_size, image_size))))
+
+
+def decode_stage(batch: dict, head, image_size: int, reading, blank) -> dict:
     """Read, hash and decode each file of the batch with `grape_cli.embed`'s per-file code;
-    a failure is a row with `ok` False and its reason."""
+    a failure is a row with `ok` False, its reason and blank pixels."""
     import numpy as np
 
     from grape_cli.embed import _ImageFiles
@@ -158,19 +207,14 @@ def decode_stage(batch: dict, head, image_size: int, reading) -> dict:
     t0 = time.perf_counter()
     files = _ImageFiles(list(batch["path"]), head, image_size, reading)
     items = [files[i] for i in range(len(files))]
-    ok = np.array([it[1] is not None for it in items], dtype=bool)
-    shapes = {np.asarray(it[1]).shape for it in items if it[1] is not None}
-    if len(shapes) > 1:  # sizes differ (a preprocess without a crop): cannot stack
-        raise GrapeError(f"preprocessed images have different shapes {sorted(shapes)}")
-    shape = shapes.pop() if shapes else (image_size, image_size, 3)
-    pixels = np.zeros((len(items), *shape), dtype=np.asarray(items[ok.argmax()][1]).dtype)
+    pixels = np.zeros((len(items), *blank.shape), dtype=blank.dtype)
     for i, it in enumerate(items):
         if it[1] is not None:
-            pixels[i] = np.asarray(it[1])
+            pixels[i] = np.asarray(it[1])  # raises if a transform did not crop to size
     seconds = time.perf_counter() - t0
     return {
         **{k: batch[k] for k in ("pos", "id", "path", "root", "size", "mtime_ns")},
-        "ok": ok,
+        "ok": np.array([it[1] is not None for it in items], dtype=bool),
         "reason": np.array([it[3] or "" for it in items], dtype=object),
         "hash": np.array([it[4] or "" for it in items], dtype=object),
         "width": np.array([it[2][0] for it in items], dtype=np.int32),
@@ -191,10 +235,12 @@ class Embedder:
 
         from grape_cli.models import load_clip
 
+        t0 = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
         self.clip = load_clip(spec, device, precision)
         self.tail, self.after_batch, self.batches = tail, after_batch, 0
+        self.init_s = time.perf_counter() - t0  # reported with the first batch
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -214,6 +260,8 @@ class Embedder:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["vector"] = vectors
         out["embed_s"] = np.full(len(ok), (time.perf_counter() - t0) / max(1, len(ok)))
+        out["actor_init_s"] = np.zeros(len(ok))
+        out["actor_init_s"][:1] = self.init_s if self.batches == 0 else 0.0
         self.batches += 1
         if self.after_batch is not None:
             self.after_batch(self.batches)
@@ -247,6 +295,7 @@ def write_stage(batch: dict, uri: str, schema, storage_version: str | None):
             "reasons": [[str(r) for r in batch["reason"][~ok]]],
             "decode_s": [float(np.sum(batch["decode_s"]))],
             "embed_s": [float(np.sum(batch["embed_s"]))],
+            "actor_init_s": [float(np.sum(batch["actor_init_s"]))],
             "write_s": [time.perf_counter() - t0],
         }
     )
@@ -301,7 +350,9 @@ class RayRun(_Run):
             | {"size": f.size, "mtime_ns": f.mtime_ns}
             for i, f in enumerate(to_encode)
         ]
-        blocks = max(1, min(len(items) // batch_size, 4 * int(ray.cluster_resources()["CPU"])))
+        # One block of paths per batch: each decode task's output moves on as soon as it
+        # is done (a task's output block is only handed on when the task ends).
+        blocks = min(-(-len(items) // batch_size), 10_000)
         return (
             ray.data.from_items(items, override_num_blocks=blocks)
             .map_batches(
@@ -310,6 +361,7 @@ class RayRun(_Run):
                     "head": head,
                     "image_size": self.clip.image_size,
                     "reading": self.reading,
+                    "blank": blank_pixels(head, self.clip.image_size),
                 },
                 batch_size=batch_size,
                 batch_format="numpy",
@@ -356,7 +408,7 @@ class RayRun(_Run):
             for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for r in table.to_pylist():
                     self.stages.setdefault("first_result_s", time.perf_counter() - t0)
-                    for k in ("decode_s", "embed_s", "write_s"):
+                    for k in ("decode_s", "embed_s", "write_s", "actor_init_s"):
                         self.stages[k] = self.stages.get(k, 0.0) + r[k]
                     if any(p in self.done for p in r["written"] + r["failed"]):
                         # A batch delivered twice (Ray Data guarantees it is not): commit
@@ -365,17 +417,19 @@ class RayRun(_Run):
                         pending = []
                     pending.append(r)
                     self.done.update(r["written"] + r["failed"])
+                    self.progress.advance(len(r["written"]) + len(r["failed"]))
                     if sum(len(p["written"]) for p in pending) >= self.commit_every:
                         self._commit(pending, to_encode)
                         pending = []
         except ray.exceptions.RayError as e:
-            raise ClusterError(
-                f"the Ray pipeline failed: {_first_line(e)}",
-                "rows committed so far are kept; fix the cause and run the same command "
-                "again to continue",
-            ) from e
+            raise _failure(e) from e
         self._commit(pending, to_encode)
         self.stages["pipeline_s"] = time.perf_counter() - t0
+        if len(self.done) < len(to_encode):  # never expected; the next run would redo them
+            raise ClusterError(
+                f"the Ray pipeline returned no result for {len(to_encode) - len(self.done)} files",
+                "rows committed so far are kept; run the same command again",
+            )
 
     def _commit(self, results: list[dict], to_encode: list[FoundFile]) -> None:
         """One Lance transaction for these results; then the summary and the failures."""
@@ -402,5 +456,4 @@ class RayRun(_Run):
                 if to_encode[p].path not in counted:
                     counted.add(to_encode[p].path)
                     self._fail(to_encode[p], reason)
-        self.progress.advance(sum(len(r["written"]) + len(r["failed"]) for r in results))
         self.stages["commit_s"] = self.stages.get("commit_s", 0.0) + time.perf_counter() - t0

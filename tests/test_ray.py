@@ -293,3 +293,24 @@ def test_unreachable_cluster_is_a_clear_error(monkeypatch):
     assert e.value.exit_code == 9
     assert "cannot reach the Ray cluster at auto" in e.value.message
     assert "ray start --head" in e.value.hint
+
+
+def test_a_failed_pipeline_names_its_cause():
+    from grape_cli.errors import ModelError
+    from grape_cli.ray_engine import _failure
+
+    wrapped = RuntimeError("UDF failed to process a data block")
+    wrapped.__cause__ = KeyError("vector")
+    assert _failure(wrapped).message == "the Ray pipeline failed: KeyError: 'vector'"
+    own = ModelError("could not load CLIP model x", "check the model spec")
+    wrapped.__cause__ = own
+    assert _failure(wrapped) is own  # a worker's own error, hint and all
+    # An actor that died in its constructor: only the traceback's text is left.
+    died = RuntimeError(
+        "The actor died because of an error raised in its creation task\n"
+        '  File "models.py", line 45, in pick_device\n'
+        "grape_cli.errors.ModelError: --device cuda asked for, but CUDA is not available\n"
+    )
+    assert _failure(died).message.endswith(
+        "grape_cli.errors.ModelError: --device cuda asked for, but CUDA is not available"
+    )
