@@ -19,22 +19,23 @@ need embedding go through Ray, in three stages:
 
 Why this write path. The table is keyed by `id`: a changed file's new row must replace
 its old one, atomically, or a crash in between leaves duplicates. Ray Data's
-`Dataset.write_lance` and the `lance-ray` package only create, append or overwrite, and
-commit once at the very end (a driver killed at 99 % would keep nothing); `lancedb-ray`,
-which has an upsert mode, needs Python 3.12. So the workers write fragments, and only
-their metadata (a few hundred bytes each) comes back to the driver, which commits every
-`commit_every` rows as one Lance transaction (`Store.commit_fragments`): the new
-fragments plus deletion vectors on the rows they replace, which is what LanceDB's
-merge_insert does for the local engine, without every vector passing through the driver.
+`Dataset.write_lance` and the `lance-ray` package create, append or overwrite, nothing
+else (an append gives a changed file a second row), and `write_lance` commits once, at
+the end (a driver killed at 99 % keeps nothing); `lancedb-ray`, which has an upsert mode,
+needs Python 3.12. So the workers write fragments, and only their metadata (a few
+hundred bytes each) comes back to the driver, which commits every `commit_every` rows as
+one Lance transaction (`Store.commit_fragments`): the new fragments plus deletion
+vectors on the rows they replace, as LanceDB's merge_insert does for the local engine,
+without any vector passing through the driver.
 
 Crash safety. Ray Data restarts a dead embedding actor and retries its batch; a task
 that dies is retried. A fragment written by an attempt whose result never came back is
 never committed (only results the driver receives are), so it cannot duplicate a row;
 it stays an unreferenced file, which Lance's cleanup (part of each run's compaction)
-deletes once it is a week old. A driver killed mid-run keeps
-every commit made so far, and the next run embeds only the rest, as with the local
-engine. Every commit also deletes, from the fragments already in the table, any row with
-an id it adds, so even a batch delivered twice would not duplicate.
+deletes once it is a week old. A driver killed mid-run keeps every commit made so far,
+and the next run embeds only the rest, as with the local engine. Every commit also
+deletes, from the fragments already in the table, any row with an id it adds, so even a
+batch delivered twice would not duplicate.
 
 Every node must be able to read the photo folders, the model (a local model folder, or
 the Hub cache) and the index folder at the same paths: a shared file system.
@@ -56,9 +57,6 @@ from grape_cli.store import path_id
 
 if TYPE_CHECKING:
     from grape_cli.walk import FoundFile
-
-logger = logging.getLogger("grape")
-
 
 # ---------------------------------------------------------------------------- the cluster
 
