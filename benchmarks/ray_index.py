@@ -17,17 +17,17 @@ as benchmarks/index_throughput.py):
     ... --tiny-count 500 --skip-vit        # quicker
 Figures depend on what else runs on the machine: quote them with the header it prints.
 
-Measured here, 2 cores shared with a 40-minute job (load average 3.5-5.9), 2,000 JPEGs
-of 640x480 (tiny model) and 200 (ViT-B-32, random weights, CPU), batch 64:
-  tiny      local 126-137 images/s, ray 75-86 (ray/local 0.55-0.68); the Ray run spent
-            20-22 s before its first batch came back (worker processes importing torch
-            and open_clip, the actor loading the model) and about 5 worker-seconds
-            decoding, 0.5 embedding, 0.5 writing, 0.1 committing
-  ViT-B-32  local 8.3 images/s, ray 4.8 (0.58); 27 s to the first batch, 20 worker-
-            seconds embedding (one CPU actor, one thread)
-  decode    one core: 130 images/s of these JPEGs at 224 px, 320-410 at the tiny model's
-            32 px; 20 images/s of a 12 MP (4000x3000, 2.9 MB) JPEG at 224 px, draft mode
-            included (all on cores shared with other jobs: idle ones are faster)
+Measured here (tiny: three runs, ViT: two), 2 cores shared with a 40-minute job (load average 3.5-5.9),
+2,000 JPEGs of 640x480 (tiny model) and 200 (ViT-B-32, random weights, CPU), batch 64:
+  tiny      local 123-137 images/s, ray 75-103 (ray/local 0.55-0.83); the Ray run spent
+            16-22 s before its first batch came back (worker processes importing torch,
+            torchvision and open_clip, the actor loading the model), then about 4-5
+            worker-seconds decoding, 0.3-0.5 embedding, 0.4-0.5 writing, 0.1 committing
+  ViT-B-32  local 6.9-8.3 images/s, ray 4.8-5.2 (0.58-0.76); 27-29 s to the first batch
+            (its embedding on one CPU thread included), 17.5-20 worker-seconds embedding
+  decode    one core: 127-142 images/s of these JPEGs at 224 px, 318-470 at the tiny
+            model's 32 px; 19-20 images/s of a 12 MP (4000x3000, 2.9 MB) JPEG at 224 px,
+            draft mode included (all on cores shared with other jobs: idle ones are faster)
 
 Estimate for N GPU nodes (ViT-B-32, 224 px). Each node embeds min(c * d, g) images/s,
 c decoding cores at d images/s each, g the GPU's rate for the image tower; the nodes
