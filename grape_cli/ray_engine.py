@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -87,10 +88,20 @@ def connect(address: str | None) -> bool:
     # error of its own is worth a line on the user's terminal (all are in Ray's log files).
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        with warnings.catch_warnings():
+            # Ray starts its services with fork + exec: nothing of LanceDB runs in them.
+            warnings.filterwarnings("ignore", "lancedb fork support", RuntimeWarning)
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,  # workers' output stays in Ray's logs; errors come back
+            )
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(
-            f"cannot reach the Ray cluster at {address}: {_first_line(e)}",
+            f"cannot reach the Ray cluster at {address}: {_first_line(e)}"
+            if address
+            else f"cannot start a Ray cluster on this machine: {_first_line(e)}",
             "start one with `ray start --head`, or leave out --ray-address to run on this machine",
         ) from e
     return True

@@ -29,7 +29,11 @@ def index_cmd(
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per model batch."),
     workers: int = typer.Option(
-        None, "--workers", min=0, help="Decoding processes (default: number of CPUs, max 8)."
+        None,
+        "--workers",
+        min=0,
+        help="Decoding processes (default: number of CPUs, max 8); --engine ray uses the "
+        "cluster's CPUs instead.",
     ),
     exclude: list[str] = typer.Option(
         [], "--exclude", help="Glob to skip (name or relative path); repeatable."
