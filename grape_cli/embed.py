@@ -274,6 +274,8 @@ def decoded_batches(
         # Workers are forked here, between two LanceDB calls, and only decode images:
         # they never touch the LanceDB runtime its fork hook warns about.
         warnings.filterwarnings("ignore", "lancedb fork support", RuntimeWarning)
+        # pylance's, once the Ray engine has imported it in this process: the same case.
+        warnings.filterwarnings("ignore", "lance is not fork-safe", UserWarning)
         batches = iter(loader)
     yield from batches
 

@@ -63,6 +63,12 @@ class HubError(GrapeError):
     exit_code = 7
 
 
+class ClusterError(GrapeError):
+    """The Ray cluster could not be reached, or the pipeline failed on it."""
+
+    exit_code = 9
+
+
 class IndexDamaged(GrapeError):
     """The index folder is there but part of it is missing or unreadable (a table, the
     manifest). `grape index` repairs what it can; readers stop and say so."""

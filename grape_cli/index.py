@@ -32,7 +32,7 @@ from grape_cli.embed import (
     describe_error,
     embed_batches,
 )
-from grape_cli.errors import IndexDamaged, IndexMismatch, IndexNotFound, InputError
+from grape_cli.errors import IndexDamaged, IndexMismatch, IndexNotFound, InputError, UsageError
 from grape_cli.quick import refresh_cache
 from grape_cli.store import (
     Store,
@@ -77,6 +77,7 @@ class IndexSummary:
     failed: list[dict] = field(default_factory=list)  # {path, reason, new: bool}
     seconds: float = 0.0
     repaired: list[str] = field(default_factory=list)  # damage found and repaired
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (--engine ray)
 
     @property
     def images_per_s(self) -> float:
@@ -110,13 +111,24 @@ def index_folders(
     decode_timeout: float | None = DECODE_TIMEOUT_S,
     max_file_bytes: int = MAX_FILE_BYTES,
     decode=decode_image,
+    engine: str = "local",
+    ray_address: str | None = None,
+    after_batch: Callable[[int], None] | None = None,
 ) -> IndexSummary:
     """Index (or re-index) `roots` into `index_dir`; see the module docstring.
 
     Each file gets `decode_timeout` seconds to be read and decoded and may be at most
     `max_file_bytes` long; `decode` (file object, draft size) -> (RGB image, size) is
-    Pillow's unless replaced.
+    Pillow's unless replaced. `engine="ray"` embeds on a Ray cluster (`ray_address`:
+    None starts one on this machine, "auto" joins this machine's); see
+    `grape_cli.ray_engine`, whose embedding actors call `after_batch` (tests).
     """
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown engine {engine!r}", "use local or ray")
+    if engine == "ray":
+        from grape_cli.ray_engine import require_ray
+
+        require_ray()
     from grape_cli.models import load_clip
 
     started = time.perf_counter()
@@ -139,19 +151,34 @@ def index_folders(
                 refresh_cache(index_dir)  # only if missing or stale
         if summary is None:
             store = Store.open_for_write(index_dir, existing["model"], int(existing["dim"]))
-            run = _Run(
-                store,
-                root_list,
-                progress or _NoProgress(),
-                commit_every,
-                Reading(decode_timeout, max_file_bytes, decode),
-                (lambda: clip) if clip else (lambda: load_clip(store.model, device, precision)),
-            )
+            reading = Reading(decode_timeout, max_file_bytes, decode)
+            progress = progress or _NoProgress()
+            if engine == "ray":
+                from grape_cli.ray_engine import RayRun
+
+                run = RayRun(
+                    *(store, root_list, progress, commit_every, reading),
+                    _loader(clip, store, "cpu", "fp32"),  # the driver's copy only preprocesses
+                    address=ray_address,
+                    device=device,
+                    precision=precision,
+                    after_batch=after_batch,
+                )
+            else:
+                load = _loader(clip, store, device, precision)
+                run = _Run(store, root_list, progress, commit_every, reading, load)
             summary = run.run(found, skipped, keep_missing, batch_size, workers)
             # What a cold `grape search` reads instead of LanceDB and torch; never fails.
             refresh_cache(index_dir, store=store, clip=run.clip)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _loader(clip, store: Store, device, precision) -> Callable[[], ClipModel]:
+    """Loads the index's model when called (if at all), unless one is loaded already."""
+    from grape_cli.models import load_clip
+
+    return (lambda: clip) if clip else (lambda: load_clip(store.model, device, precision))
 
 
 def _folders(roots: Iterable[str | Path]) -> list[str]:

@@ -454,6 +454,39 @@ class Store:
             .execute(data)
         )
 
+    def images_dataset(self):
+        """The images table as a Lance dataset (pylance), for writers in other processes
+        that add fragments to it (`grape_cli.ray_engine`)."""
+        import lance
+
+        return lance.dataset(str(self.root / f"{IMAGES}.lance"))
+
+    def commit_fragments(self, fragments: list[str], replace_ids: list[str]) -> None:
+        """Add fragments written elsewhere (`lance.fragment.write_fragments`, metadata as
+        JSON) to the images table in one commit that also deletes the stored rows with
+        `replace_ids`: an upsert as atomic as `upsert`, whose rows never pass through here."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        self._drop_snapshot()
+        dataset = self.images_dataset()
+        updated, removed = [], []
+        if replace_ids:
+            where = "id IN (" + ",".join(f"'{i}'" for i in sorted(set(replace_ids))) + ")"
+            hits = dataset.to_table(columns=["id"], filter=where, with_row_address=True)
+            for fragment_id in sorted({a >> 32 for a in hits["_rowaddr"].to_pylist()}):
+                meta = dataset.get_fragment(fragment_id).delete(where)  # a deletion vector
+                if meta is None:
+                    removed.append(fragment_id)
+                else:
+                    updated.append(meta)
+        op = lance.LanceOperation.Update(
+            removed_fragment_ids=removed,
+            updated_fragments=updated,
+            new_fragments=[FragmentMetadata.from_json(f) for f in fragments],
+        )
+        lance.LanceDataset.commit(dataset.uri, op, read_version=dataset.version)
+
     def delete_ids(self, ids: Iterable[str], table: str = IMAGES) -> None:
         tbl = self._db.open_table(table)
         ids = sorted(ids)

@@ -29,7 +29,11 @@ def index_cmd(
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per model batch."),
     workers: int = typer.Option(
-        None, "--workers", min=0, help="Decoding processes (default: number of CPUs, max 8)."
+        None,
+        "--workers",
+        min=0,
+        help="Decoding processes (default: number of CPUs, max 8); --engine ray uses the "
+        "cluster's CPUs instead.",
     ),
     exclude: list[str] = typer.Option(
         [], "--exclude", help="Glob to skip (name or relative path); repeatable."
@@ -47,6 +51,18 @@ def index_cmd(
         min=0.0,
         help="Seconds one file may take to read and decode before it is skipped (0: no "
         "limit). Like other bad files, it is retried once it changes.",
+    ),
+    engine: str = typer.Option(
+        "local",
+        "--engine",
+        help="local: this machine. ray: decode, embed and write on a Ray cluster (the "
+        "folders, the model and the index at the same paths on every node).",
+    ),
+    ray_address: str = typer.Option(
+        None,
+        "--ray-address",
+        help="With --engine ray: auto (this machine's cluster) or HOST:PORT. Default: "
+        "$RAY_ADDRESS, else a cluster started for this run on this machine.",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     # Hidden: rows per LanceDB commit; tests lower it to kill a run between commits.
@@ -74,6 +90,8 @@ def index_cmd(
             commit_every=commit_every,
             progress=progress,
             decode_timeout=decode_timeout or None,
+            engine=engine,
+            ray_address=ray_address,
         )
     for repair in summary.repaired:
         err_console.print(
