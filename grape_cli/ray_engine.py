@@ -277,7 +277,7 @@ class Embedder:
         return out
 
 
-def write_stage(batch: dict, uri: str, schema, storage_version: str | None):
+def write_stage(batch: dict, uri: str, schema, storage_version: str | None, stable_ids: bool):
     """Write the batch's embedded rows as new Lance fragments (not committed); one result
     row: the fragments' metadata, the positions written, the failures and stage times."""
     import numpy as np
@@ -289,13 +289,19 @@ def write_stage(batch: dict, uri: str, schema, storage_version: str | None):
     fragments = []
     if ok.any():
         dim = batch["vector"].shape[1]
-        rows = {k: batch[k][ok] for k in ("id", "path", "root", "size", "mtime_ns", "hash")}
-        rows |= {k: batch[k][ok] for k in ("width", "height")}
+        names = ("id", "path", "root", "size", "mtime_ns", "hash", "width", "height")
+        rows = {k: batch[k][ok] for k in names}
         flat = pa.array(np.ascontiguousarray(batch["vector"][ok]).reshape(-1), pa.float32())
         columns = {k: pa.array(list(v), schema.field(k).type) for k, v in rows.items()}
         columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, dim)
         table = pa.table([columns[f.name] for f in schema], schema=schema)
-        fragments = write_fragments(table, uri, schema=schema, data_storage_version=storage_version)
+        fragments = write_fragments(
+            table,
+            uri,
+            schema=schema,
+            data_storage_version=storage_version,  # as the table's other fragments
+            enable_stable_row_ids=stable_ids,
+        )
     return pa.Table.from_pydict(
         {
             "fragments": [[json.dumps(f.to_json()) for f in fragments]],
@@ -400,6 +406,7 @@ class RayRun(_Run):
                     "uri": dataset.uri,
                     "schema": dataset.schema,
                     "storage_version": dataset.data_storage_version,
+                    "stable_ids": bool(getattr(dataset, "has_stable_row_ids", False)),
                 },
                 batch_size=batch_size,
                 batch_format="numpy",
