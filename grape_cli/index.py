@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from grape_cli import ann
 from grape_cli.embed import (
     DECODE_TIMEOUT_S,
     MAX_FILE_BYTES,
@@ -40,6 +41,7 @@ from grape_cli.store import (
     path_id,
     read_snapshot,
     recover_manifest,
+    update_manifest,
     writer_lock,
 )
 from grape_cli.walk import FoundFile, Skipped, walk_images
@@ -77,6 +79,7 @@ class IndexSummary:
     failed: list[dict] = field(default_factory=list)  # {path, reason, new: bool}
     seconds: float = 0.0
     repaired: list[str] = field(default_factory=list)  # damage found and repaired
+    ann: dict | None = None  # what became of the ANN index (grape_cli.ann.refresh)
 
     @property
     def images_per_s(self) -> float:
@@ -110,12 +113,14 @@ def index_folders(
     decode_timeout: float | None = DECODE_TIMEOUT_S,
     max_file_bytes: int = MAX_FILE_BYTES,
     decode=decode_image,
+    ann_threshold: int | None = None,
 ) -> IndexSummary:
     """Index (or re-index) `roots` into `index_dir`; see the module docstring.
 
     Each file gets `decode_timeout` seconds to be read and decoded and may be at most
     `max_file_bytes` long; `decode` (file object, draft size) -> (RGB image, size) is
-    Pillow's unless replaced.
+    Pillow's unless replaced. `ann_threshold` (kept in the manifest for later runs):
+    images from which the index gets an approximate index (grape_cli.ann).
     """
     from grape_cli.models import load_clip
 
@@ -130,7 +135,7 @@ def index_folders(
         existing = {"model": clip.spec, "dim": clip.dim}
     with writer_lock(index_dir):
         found, skipped = walk_images(root_list, exclude, skip_dirs=[index_dir])
-        summary = None
+        summary, store = None, None
         if clip is None and not damaged:
             summary = _unchanged_summary(
                 index_dir, existing, root_list, found, skipped, keep_missing
@@ -150,6 +155,10 @@ def index_folders(
             summary = run.run(found, skipped, keep_missing, batch_size, workers)
             # What a cold `grape search` reads instead of LanceDB and torch; never fails.
             refresh_cache(index_dir, store=store, clip=run.clip)
+        if ann_threshold is not None:  # a setting, kept for later runs
+            update_manifest(index_dir, ann_threshold=ann_threshold)
+        # Past the threshold, an approximate index beside the vectors; never fails.
+        summary.ann = ann.refresh(index_dir, store=store, progress=progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -439,6 +448,8 @@ def index_info(index_dir: str | Path | None = None) -> dict:
         "failures": len(failures),
         "failed_files": sorted(failures)[:20],
         "size_bytes": store.disk_bytes(),
+        "ann": ann.describe(store.root),
+        "ann_threshold": ann.threshold(store.manifest),
         "created": store.manifest.get("created"),
         "updated": store.manifest.get("updated"),
     }
