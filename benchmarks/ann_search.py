@@ -285,7 +285,7 @@ def lance(data, queries, truth, work: Path, partitions: int) -> list[dict]:
     import pyarrow as pa
 
     db = lancedb.connect(str(work / f"lance-{len(data)}"))
-    if "v" not in db.table_names():
+    if not (work / f"lance-{len(data)}" / "v.lance").is_dir():
         t = time.perf_counter()
         table = None
         for start in range(0, len(data), 100_000):

@@ -83,7 +83,7 @@ def rewards(queries, corpus, targets, negatives: int | None, seed: int, groups) 
     from grape_cli.reward import rank_reward
 
     generator = torch.Generator().manual_seed(seed)
-    q, c = torch.from_numpy(queries), torch.from_numpy(corpus)
+    q, c = torch.from_numpy(np.array(queries)), torch.from_numpy(np.array(corpus))  # writable
     out = np.zeros(len(queries))
     for first in range(0, len(groups), BATCH_GROUPS):
         rows = np.concatenate(groups[first : first + BATCH_GROUPS])

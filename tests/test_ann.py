@@ -159,6 +159,11 @@ def test_search_uses_it_and_exact_forces_brute_force(big, cli):
         want = search("a red star", idx, 5, exact=True)
         if args:
             assert [h["path"] for h in out["hits"]] == [h.path for h in want.hits]
+    table, exact_table = (
+        cli("search", "a red star", "--index", idx, *a) for a in ((), ("--exact",))
+    )
+    assert "approximate search" in table.stdout  # the table says so too
+    assert "approximate" not in exact_table.stdout
 
 
 def test_recall_against_exact_is_high(big):
@@ -272,3 +277,53 @@ def test_an_impossible_answer_switches_to_exact(big, monkeypatch, caplog):
         h.path for h in search("a red star", idx, 5, exact=True).hits
     ]
     assert "outside the table" in caplog.text
+
+
+def test_a_lancedb_index_keeps_auto_on_lance_and_exact_bypasses_it(tmp_path, tiny_clip):
+    import lancedb
+
+    photos = tmp_path / "photos"
+    write_images(photos, 4)
+    idx = tmp_path / "index"
+    index_folders([photos], idx, str(tiny_clip), workers=0)
+    add_rows(idx, clustered(600, Store.open(idx).dim))
+    Store.open(idx).images.create_index(
+        "vector",
+        config=lancedb.index.IvfPq(distance_type="cosine", num_partitions=2, num_sub_vectors=4),
+    )
+    summary = index_folders([photos], idx, workers=0, ann_threshold=10)
+    assert summary.ann["state"] == "lance"  # the table's own index; grape builds none
+    assert not (idx / SEARCH_CACHE / ANN_POINTER).exists()
+    auto, exact, flat = Searcher(idx), Searcher(idx, exact=True), Searcher(idx, backend="faiss")
+    assert (auto.backend, auto.exact, exact.backend, exact.exact) == ("lance", False, "lance", True)
+    assert (flat.backend, flat.exact) == ("faiss", True)
+    queries = random_queries(auto.store.dim, 20)
+    _, want = flat.search_vectors(queries, 10)
+    _, got = exact.search_vectors(queries, 10)  # LanceDB's flat scan: brute force
+    assert [[exact._paths[i] for i in r] for r in got] == [
+        [flat._paths[i] for i in r] for r in want
+    ]
+
+
+def test_grape_serve_answers_from_it_and_exact_searches_locally(copy, cli, monkeypatch):
+    from grape_cli.serve import GrapeServer, Service
+
+    service = Service(copy)
+    assert service.health()["backend"] == "faiss-ivf"
+    want = Searcher(copy).search("a red star", 5)
+    got = service.search("a red star", 5)
+    assert (got["backend"], got["exact"]) == ("faiss-ivf", False)
+    assert [h["path"] for h in got["hits"]] == [h.path for h in want.hits]
+    server = GrapeServer(service, "127.0.0.1", 0, advertise=True).start()
+    try:
+        calls = []
+        original = Service.search
+        monkeypatch.setattr(
+            Service, "search", lambda self, *a, **kw: calls.append(a) or original(self, *a, **kw)
+        )
+        for args, asked in (((), 1), (("--exact",), 1)):  # --exact: not the server's answer
+            r = cli("search", "a red star", "--index", copy, "-k", "5", "--json", *args)
+            assert r.exit_code == 0, r.output
+            assert json.loads(r.stdout)["exact"] is bool(args) and len(calls) == asked
+    finally:
+        server.stop()

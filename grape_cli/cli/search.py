@@ -178,7 +178,9 @@ def search_cmd(
         if result.image:
             weight = f", weight {result.image_weight:g}" if result.image_weight is not None else ""
             console.print(Text.assemble(("image", "bold"), ": ", plain(result.image), weight))
-        table = Table(title_justify="left")
+        table = Table(title_justify="left", caption_justify="left")
+        if not result.exact:  # the hits of an ANN index may miss a better image
+            table.caption = "approximate search (--exact: every image)"
         table.add_column("rank", justify="right")
         table.add_column(result.score_kind, justify="right")
         table.add_column("path", overflow="fold")
