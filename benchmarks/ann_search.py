@@ -3,14 +3,19 @@
     python benchmarks/ann_search.py [--n 1000000] [--queries 500] [--workdir DIR]
         [--kinds grape,ivf-flat,ivf-sq8,ivf-pq,hnsw,lance] [--hnsw-n 200000] [--out FILE]
 
+The README's table came from four runs on one --workdir (the vectors are generated once):
+`--kinds grape,ivf-flat,ivf-sq8,ivf-pq`, `--kinds hnsw --hnsw-n 1000000`, `--kinds lance`
+and `--kinds grape` again; about 35 minutes in all on 2 loaded cores.
+
 Data (synthetic, seeded; no network): `--n` unit vectors of dimension 512 drawn from a
 two-level mixture, meant to look more like CLIP image embeddings than uniform noise:
 `--topics` topic directions, each with its sub-clusters (`--clusters` in all, sizes
 log-normal, so some topics are crowded and some rare), every vector sharing one mean
-direction (the narrow cone real CLIP embeddings sit in) plus isotropic noise. Queries
-stand in for text queries: the same sub-cluster centres, another shared mean direction
-(CLIP's modality gap) and more noise, so their best cosines are 0.3-0.5, not 0.9. The
-script prints the cosine statistics it produced.
+direction (the narrow cone real CLIP embeddings sit in) plus noise with a decaying
+spectrum in a random basis (so that neighbourhoods are not round islands one IVF list
+holds whole). Queries stand in for text queries: the same sub-cluster centres, another
+shared mean direction (CLIP's modality gap) and more noise, so their best cosines are
+about 0.45, not 0.9. The script prints the cosine statistics it produced.
 
 For each kind it builds the index, then times single queries (k=10, one at a time, the
 way `grape search` asks them) and measures Recall@10 against exact search (faiss
@@ -21,8 +26,9 @@ IndexFlatIP over the same vectors) for a sweep of its search parameter:
 * `ivf-flat`, `ivf-sq8`, `ivf-pq`: faiss IVF with full vectors, 8-bit scalar-quantised
   vectors, PQ64 codes (one coarse quantizer trained once, shared by the three);
 * `hnsw`: faiss IndexHNSWFlat (M=32, efConstruction 40) on the first `--hnsw-n` vectors
-  (its build is too slow on 2 cores for 1,000,000; recall is measured against exact
-  search over that subset and the build time is also reported per vector);
+  (default 200,000 to keep a run short: `--hnsw-n 1000000` took over 10 minutes on 2
+  loaded cores; recall is measured against exact search over that subset, and the build
+  time is also reported per vector);
 * `lance`: LanceDB's IVF-PQ (`create_index`, cosine) on a table of the same vectors,
   without and with `refine_factor` (which re-reads full vectors to rescore).
 
