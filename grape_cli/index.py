@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from grape_cli import ann
 from grape_cli.embed import (
     DECODE_TIMEOUT_S,
     MAX_FILE_BYTES,
@@ -40,6 +41,7 @@ from grape_cli.store import (
     path_id,
     read_snapshot,
     recover_manifest,
+    update_manifest,
     writer_lock,
 )
 from grape_cli.walk import FoundFile, Skipped, walk_images
@@ -78,6 +80,7 @@ class IndexSummary:
     seconds: float = 0.0
     repaired: list[str] = field(default_factory=list)  # damage found and repaired
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (--engine ray)
+    ann: dict | None = None  # what became of the ANN index (grape_cli.ann.refresh)
 
     @property
     def images_per_s(self) -> float:
@@ -114,6 +117,7 @@ def index_folders(
     engine: str = "local",
     ray_address: str | None = None,
     after_batch: Callable[[int], None] | None = None,
+    ann_threshold: int | None = None,
 ) -> IndexSummary:
     """Index (or re-index) `roots` into `index_dir`; see the module docstring.
 
@@ -122,6 +126,8 @@ def index_folders(
     Pillow's unless replaced. `engine="ray"` embeds on a Ray cluster (`ray_address`:
     None starts one on this machine, "auto" joins this machine's); see
     `grape_cli.ray_engine`, whose embedding actors call `after_batch` (tests).
+    Pillow's unless replaced. `ann_threshold` (kept in the manifest for later runs):
+    images from which the index gets an approximate index (grape_cli.ann).
     """
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}", "use local or ray")
@@ -142,7 +148,7 @@ def index_folders(
         existing = {"model": clip.spec, "dim": clip.dim}
     with writer_lock(index_dir):
         found, skipped = walk_images(root_list, exclude, skip_dirs=[index_dir])
-        summary = None
+        summary, store = None, None
         if clip is None and not damaged:
             summary = _unchanged_summary(
                 index_dir, existing, root_list, found, skipped, keep_missing
@@ -170,6 +176,10 @@ def index_folders(
             summary = run.run(found, skipped, keep_missing, batch_size, workers)
             # What a cold `grape search` reads instead of LanceDB and torch; never fails.
             refresh_cache(index_dir, store=store, clip=run.clip)
+        if ann_threshold is not None:  # a setting, kept for later runs
+            update_manifest(index_dir, ann_threshold=ann_threshold)
+        # Past the threshold, an approximate index beside the vectors; never fails.
+        summary.ann = ann.refresh(index_dir, store=store, progress=progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -466,6 +476,8 @@ def index_info(index_dir: str | Path | None = None) -> dict:
         "failures": len(failures),
         "failed_files": sorted(failures)[:20],
         "size_bytes": store.disk_bytes(),
+        "ann": ann.describe(store.root),
+        "ann_threshold": ann.threshold(store.manifest),
         "created": store.manifest.get("created"),
         "updated": store.manifest.get("updated"),
     }

@@ -1,5 +1,5 @@
 """The fast path of a cold `grape search`: a text query without a rewriter, answered
-without importing torch, open_clip, LanceDB or faiss.
+without importing torch, open_clip, LanceDB or (below the ANN threshold) faiss.
 
 Every `grape search` is a new process. The full path (`grape_cli.search`) spends about
 6 s importing those libraries and loading the whole CLIP model before it encodes one
@@ -12,7 +12,8 @@ answer needs in the index's search cache (`store.SEARCH_CACHE`):
   whenever the images table changes.
 
 `quick_search` answers from these files (the same hits, cosines within 1e-4, exact
-top-k by numpy) or returns None, and the caller takes the full path, when the query is
+top-k by numpy, or from grape's ANN index where the full path would use it, see
+`grape_cli.ann`) or returns None, and the caller takes the full path, when the query is
 out of its scope or anything in the cache is missing, stale or damaged. `refresh_cache`
 brings the cache up to date and never fails an index run.
 """
@@ -27,7 +28,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from grape_cli import vectorcache
+from grape_cli import ann, vectorcache
 from grape_cli.errors import GrapeError
 from grape_cli.ranking import rank_positions
 from grape_cli.search import Hit, SearchResult, Timer, idle_threads
@@ -57,9 +58,13 @@ def quick_search(
     device: str | None = None,
     prompt: object = None,
     threads: int | None = None,
+    exact: bool = False,
 ) -> SearchResult | None:
     """`grape_cli.search.search` for a plain text query, from the search cache; None when
-    the query is out of scope or the cache cannot answer (never raises for that)."""
+    the query is out of scope or the cache cannot answer (never raises for that).
+
+    Where the full path would answer from grape's ANN index (grape_cli.ann), so does
+    this one, from the same file and with the same nprobe: the same hits either way."""
     query = (query or "").strip()
     if (
         not query  # the full path reports it
@@ -72,14 +77,14 @@ def quick_search(
     ):
         return None
     try:
-        return _search(query, index_dir, k, threads)
+        return _search(query, index_dir, k, threads, exact)
     except Exception as e:
         # A damaged cache, a missing module, an ONNX Runtime error: the full path answers.
         logger.debug("fast search path not taken: %s: %s", type(e).__name__, e)
         return None
 
 
-def _search(query: str, index_dir, k: int, threads: int | None) -> SearchResult | None:
+def _search(query: str, index_dir, k: int, threads, exact: bool) -> SearchResult | None:
     from grape_cli.cliptok import ClipTokenizer
     from grape_cli.textonnx import OnnxTextEncoder
 
@@ -96,10 +101,13 @@ def _search(query: str, index_dir, k: int, threads: int | None) -> SearchResult 
         import numpy  # noqa: F401
     with timer.stage("import_onnxruntime"):
         import onnxruntime  # noqa: F401
+    count = vectorcache.count(root, manifest)
+    use_ann = not exact and count is not None and ann.is_current(root, manifest, count)
     with timer.stage("index_load"):
-        vectors = vectorcache.load(root, manifest)
+        vectors = vectorcache.load(root, manifest, mmap=use_ann)  # ANN: rows only, in effect
     if vectors is None or not vectors.paths:
         return None
+    index = _open_ann(root, manifest, vectors.paths, timer) if use_ann else None
     with timer.stage("tokenizer_load"):
         tokenizer = ClipTokenizer.from_file(folder / text["merges"], text["context_length"])
     with timer.stage("tokenize"):
@@ -112,7 +120,10 @@ def _search(query: str, index_dir, k: int, threads: int | None) -> SearchResult 
     with timer.stage("encode"):
         vector = encoder.encode(tokens)[0]
     with timer.stage("search"):
-        ranked = top_k(vectors.matrix, vector, k)
+        ranked = _ann_top_k(index, vector, k, threads) if index is not None else None
+        ranked_by_ann = ranked is not None
+        if ranked is None:
+            ranked = top_k(vectors.matrix, vector, k)
     if len(ids) + 2 > tokenizer.context_length:  # the full path's warning, word for word
         logger.warning(
             "the query is %d tokens and the retriever reads only the first %d; "
@@ -133,9 +144,28 @@ def _search(query: str, index_dir, k: int, threads: int | None) -> SearchResult 
         index=str(root),
         model=manifest["model"],
         score_kind="cosine",
-        backend="numpy",
+        backend="faiss-ivf" if ranked_by_ann else "numpy",
         timings=timings,
+        exact=not ranked_by_ann,
     )
+
+
+def _open_ann(root: Path, manifest: dict, paths: list[str], timer: Timer):
+    """grape's ANN index as the full path opens it, or None (then: exact, as it would)."""
+    with timer.stage("import_faiss"):
+        import faiss  # noqa: F401
+    with timer.stage("index_load"):
+        return ann.load(root, manifest, paths)
+
+
+def _ann_top_k(index, vector, k: int, threads) -> list[tuple[int, float]] | None:
+    """[(row, cosine)] from the ANN index, or None when it proves damaged (search exactly)."""
+    try:
+        scores, rows = index.search(vector[None], k, threads)
+    except ann.AnnDamaged as e:
+        logger.debug("%s; searching exactly", e.message)
+        return None
+    return [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
 
 
 def top_k(matrix: np.ndarray, vector: np.ndarray, k: int) -> list[tuple[int, float]]:

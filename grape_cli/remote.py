@@ -166,7 +166,7 @@ def search_via_server(
     `search`, which the server supports only at their defaults)."""
     if os.environ.get(NO_SERVER_ENV, "").strip() not in ("", "0"):
         return None
-    defaults = {"rewrites": 1, "backend": "auto", "trust_remote_code": False}
+    defaults = {"rewrites": 1, "backend": "auto", "trust_remote_code": False, "exact": False}
     for name, value in others.items():
         if value is not None and not (name in defaults and value == defaults[name]):
             return None  # sampling, a prompt file, a backend, a device, threads, a seed...

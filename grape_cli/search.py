@@ -2,9 +2,11 @@
 return the top-k images by exact inner product (cosine: every vector is L2-normalised).
 
 The index's vectors are loaded once into faiss (`IndexFlatIP`, on the GPU when faiss-gpu
-and CUDA are there). An index table that carries a LanceDB ANN index is searched
-through LanceDB instead, which never loads the vectors into memory: the way to search
-a collection too large for RAM.
+and CUDA are there). Past `grape index --ann-threshold` images the index has its own
+approximate index (grape_cli.ann), which search uses instead unless asked to be
+`exact`; a missing, stale or damaged one means exact search. An index table that
+carries a LanceDB ANN index is searched through LanceDB instead, which never loads the
+vectors into memory: the way to search a collection too large for RAM.
 
 Several rewrites (`rewrites > 1`, sampled) are fused with reciprocal rank fusion; an
 image query (`image=`) is used alone or added to the text embedding with a weight.
@@ -59,8 +61,9 @@ class SearchResult:
     image_weight: float | None = None
     score_kind: str = "cosine"  # or "rrf"
     rewriter_default: bool = False  # the index's default rewriter (no --rewriter given)
-    backend: str = "faiss"
+    backend: str = "faiss"  # "faiss-ivf": grape's ANN index (grape_cli.ann)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    exact: bool = True  # False: an ANN index answered (the hits may miss a better image)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -190,6 +193,7 @@ class Searcher:
         backend: str = "auto",
         threads: int | None = None,
         timings: dict[str, float] | None = None,
+        exact: bool = False,
     ):
         if backend not in BACKENDS:
             raise UsageError(f"unknown search backend {backend!r}", f"use one of {BACKENDS}")
@@ -216,10 +220,14 @@ class Searcher:
         rewriter, self.rewriter_default = resolve(root, rewriter, self.store.model)
         self.device = pick_device(device)
         self.threads = threads  # None: the idle cores, decided at each step
+        lance_index = self.store.has_vector_index()
         if backend == "auto":
-            backend = "lance" if self.store.has_vector_index() else "faiss"
+            backend = "lance" if lance_index else "faiss"
         self.backend = backend
+        # Approximate only where an ANN index answers: LanceDB's, or grape's (_open_ann).
+        self.exact = exact or not (backend == "lance" and lance_index)
         self._index: VectorIndex | None = None
+        self._ann = None  # grape_cli.ann.AnnIndex, when one answers
         self._paths: list[str] = []
         self._sizes: list[tuple[int, int]] = []
         self._rows: dict[str, int] = {}
@@ -236,10 +244,30 @@ class Searcher:
                 self.clip = load_clip(self.store.model, self.device)
             if backend == "faiss":
                 with timer.stage("index_load"):
-                    meta, matrix = self.store.load_matrix(("path", "width", "height"))
-                    self._paths = meta["path"]
-                    self._sizes = list(zip(meta["width"], meta["height"], strict=True))
-                    self._index = VectorIndex(matrix, self.device)
+                    if not exact:
+                        self._open_ann()
+                    if self._ann is None:
+                        self._load_exact()
+
+    def _load_exact(self) -> None:
+        meta, matrix = self.store.load_matrix(("path", "width", "height"))
+        self._paths = meta["path"]
+        self._sizes = list(zip(meta["width"], meta["height"], strict=True))
+        self._index = VectorIndex(matrix, self.device)
+        self._ann, self.backend, self.exact = None, "faiss", True
+
+    def _open_ann(self) -> None:
+        """grape's ANN index, when the index has a current one (grape_cli.ann)."""
+        from grape_cli import ann
+
+        if not ann.is_current(self.store.root, self.store.manifest, self.size):
+            return
+        meta = self.store.read_columns(("path", "width", "height"))
+        self._ann = ann.load(self.store.root, self.store.manifest, meta["path"])
+        if self._ann is not None:
+            self._paths = meta["path"]
+            self._sizes = list(zip(meta["width"], meta["height"], strict=True))
+            self.backend, self.exact = "faiss-ivf", False
 
     # ------------------------------------------------------------------ encoding
 
@@ -264,6 +292,14 @@ class Searcher:
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows) of each query vector's top k, best first."""
+        if self._ann is not None:
+            from grape_cli.ann import AnnDamaged
+
+            try:
+                return self._ann.search(vectors, k, self.threads)
+            except AnnDamaged as e:  # from now on this searcher searches exactly
+                logger.debug("%s; searching exactly", e.message)
+                self._load_exact()
         if self._index is not None:
             return self._index.search(vectors, k)
         if not self._paths:  # the ANN path answers with paths; rows are positions here
@@ -271,7 +307,7 @@ class Searcher:
             self._paths = meta["path"]
             self._sizes = list(zip(meta["width"], meta["height"], strict=True))
             self._rows = {p: i for i, p in enumerate(self._paths)}
-        return self.store.ann_search(vectors, k, self._rows)
+        return self.store.ann_search(vectors, k, self._rows, exact=self.exact)
 
     def _encode_query(self, query: Query, rewrites, temperature, timer):
         from grape_cli.query import blend
@@ -335,6 +371,7 @@ class Searcher:
             rewriter_default=self.rewriter_default,
             backend=self.backend,
             timings={**self.timings, **timings},
+            exact=self.exact,
         )
 
 
@@ -372,8 +409,10 @@ def search(
     backend: str = "auto",
     threads: int | None = None,
     seed: int | None = None,
+    exact: bool = False,
 ) -> SearchResult:
-    """One search, from nothing loaded to ranked hits; `result.timings` has every stage."""
+    """One search, from nothing loaded to ranked hits; `result.timings` has every stage.
+    `exact`: brute force even where an ANN index would answer."""
     query = _make_query(query, image, image_weight)
     check_query(query, k, rewrites)
     searcher = Searcher(
@@ -384,6 +423,7 @@ def search(
         trust_remote_code=trust_remote_code,
         backend=backend,
         threads=threads,
+        exact=exact,
     )
     if seed is not None:
         import torch

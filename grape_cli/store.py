@@ -11,7 +11,9 @@ Layout of an index folder:
   .lock              held (flock) by the one process allowed to write
   search-cache/      derived files for a fast cold `grape search` (grape_cli.quick): the
                      vectors as a .npy matrix and the exported text tower; never the truth,
-                     rebuilt at the end of `grape index`, ignored whenever stale
+                     rebuilt at the end of `grape index`, ignored whenever stale; past
+                     the manifest's `ann_threshold` images, also an approximate index
+                     (grape_cli.ann), as derived and as disposable
 
 A new index appears at once with its manifest and empty tables (see `Store.create`), so
 whatever a killed run leaves, the index knows its model; the images table records the
@@ -45,6 +47,7 @@ IMAGES = "images"
 FAILURES = "failures"
 SEARCH_CACHE = "search-cache"
 VECTOR_CACHE = "vectors.json"  # in SEARCH_CACHE: names the current vector files
+ANN_POINTER = "ann.json"  # in SEARCH_CACHE: names the current ANN index (grape_cli.ann)
 
 # Lock fds this process holds. A forked child (a DataLoader worker) closes its copies at
 # once: a flock belongs to the open file, so an orphaned worker of a killed writer would
@@ -119,6 +122,16 @@ def table_fingerprint(root: Path) -> dict[str, str | None]:
         )
         prints[name] = hashlib.blake2b(repr(files).encode(), digest_size=16).hexdigest()
     return prints
+
+
+def update_manifest(root: Path, **fields: Any) -> None:
+    """Set manifest fields (settings such as `ann_threshold`) without opening LanceDB;
+    atomic, as `Store.write_manifest`. Call it holding the writer lock."""
+    manifest = Store.read_manifest(root)
+    manifest.update(fields)
+    tmp = Path(root) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, Path(root) / MANIFEST)
 
 
 def search_cache_dir(root: Path) -> Path:
@@ -351,8 +364,9 @@ class Store:
         """Before any change: a snapshot must never describe a table it does not match."""
         if not self._snapshot_dropped:
             (self.root / SNAPSHOT).unlink(missing_ok=True)
-            # The vector cache too (beside the version check that also guards it).
+            # The vector cache and ANN index too (beside the version checks that guard them).
             (search_cache_dir(self.root) / VECTOR_CACHE).unlink(missing_ok=True)
+            (search_cache_dir(self.root) / ANN_POINTER).unlink(missing_ok=True)
             self._snapshot_dropped = True
 
     # ------------------------------------------------------------------ tables
@@ -552,18 +566,20 @@ class Store:
         except Exception:  # an older table layout: searched exactly instead
             return False
 
-    def ann_search(self, vectors, k: int, rows: dict[str, int]):
+    def ann_search(self, vectors, k: int, rows: dict[str, int], exact: bool = False):
         """(scores, rows) of each vector's top k by cosine through LanceDB (its ANN index
-        when the table has one); `rows` maps paths to the caller's row numbers."""
+        when the table has one, unless `exact`); `rows` maps paths to the caller's rows."""
         import numpy as np
 
         k = min(k, len(rows))
         scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
         ids = np.full((len(vectors), k), -1, dtype=np.int64)
         for i, vec in enumerate(vectors):
+            query = self.images.search(np.asarray(vec, dtype=np.float32))
+            if exact:
+                query = query.bypass_vector_index()
             t = (
-                self.images.search(np.asarray(vec, dtype=np.float32))
-                .distance_type("cosine")
+                query.distance_type("cosine")
                 .select(["path", "_distance"])
                 .limit(k)
                 .to_arrow()

@@ -73,11 +73,21 @@ def write(store: Store) -> bool:
     return True
 
 
-def load(root: Path, manifest: dict) -> CachedVectors | None:
+def load(root: Path, manifest: dict, mmap: bool = False) -> CachedVectors | None:
     """The cached vectors of the index at `root`, or None if they are missing, stale or
-    damaged in any way (the caller then reads LanceDB)."""
+    damaged in any way (the caller then reads LanceDB). `mmap`: the matrix memory-mapped,
+    for a caller that reads little of it (an ANN search) or reads it once (a build)."""
     try:
-        return _load(Path(root), manifest)
+        return _load(Path(root), manifest, mmap)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def count(root: Path, manifest: dict) -> int | None:
+    """Rows in the current cache (from its pointer alone), or None when it is not current."""
+    try:
+        pointer = _current_pointer(Path(root), manifest)
+        return None if pointer is None else int(pointer["count"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -112,7 +122,7 @@ def _current_pointer(root: Path, manifest: dict) -> dict | None:
     return pointer
 
 
-def _load(root: Path, manifest: dict) -> CachedVectors | None:
+def _load(root: Path, manifest: dict, mmap: bool = False) -> CachedVectors | None:
     import numpy as np
 
     pointer = _current_pointer(root, manifest)
@@ -123,7 +133,7 @@ def _load(root: Path, manifest: dict) -> CachedVectors | None:
     matrix_path = folder / pointer["matrix"]
     if matrix_path.stat().st_size != pointer["matrix_bytes"]:
         return None
-    matrix = np.load(matrix_path, allow_pickle=False)
+    matrix = np.load(matrix_path, allow_pickle=False, mmap_mode="r" if mmap else None)
     rows = json.loads((folder / pointer["rows"]).read_text("utf-8"))
     paths, widths, heights = rows["path"], rows["width"], rows["height"]
     if matrix.dtype != np.float32 or matrix.shape != (n, dim):

@@ -64,6 +64,13 @@ def index_cmd(
         help="With --engine ray: auto (this machine's cluster) or HOST:PORT. Default: "
         "$RAY_ADDRESS, else a cluster started for this run on this machine.",
     ),
+    ann_threshold: int = typer.Option(
+        None,
+        "--ann-threshold",
+        min=0,
+        help="Build an approximate (ANN) index for `grape search` once the index holds at "
+        "least N images (default 1,000,000). Kept for later runs.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     # Hidden: rows per LanceDB commit; tests lower it to kill a run between commits.
     commit_every: int = typer.Option(512, "--commit-every", min=1, hidden=True),
@@ -92,6 +99,7 @@ def index_cmd(
             decode_timeout=decode_timeout or None,
             engine=engine,
             ray_address=ray_address,
+            ann_threshold=ann_threshold,
         )
     for repair in summary.repaired:
         err_console.print(
@@ -111,6 +119,8 @@ def _print_summary(summary) -> None:
     table.add_row("failed", str(len(summary.failed)))
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("speed", f"{summary.images_per_s:.1f} images/s ({summary.encoded} embedded)")
+    if summary.ann and summary.ann.get("state") in ("built", "current", "failed"):
+        table.add_row("ANN index", _ann_line(summary.ann))
     console.print(table)
     if summary.failed:
         console.print(f"[yellow]{len(summary.failed)} file(s) skipped:[/]")
@@ -121,6 +131,17 @@ def _print_summary(summary) -> None:
             console.print(line, soft_wrap=True)  # long paths stay whole, for copying
         if len(summary.failed) > 20:
             console.print(f"  ... and {len(summary.failed) - 20} more (see --json)")
+
+
+def _ann_line(ann: dict) -> str:
+    """
+    >>> _ann_line({"state": "built", "kind": "IVF1024,Flat", "nprobe": 64, "build_s": 71.0})
+    'built: IVF1024,Flat, nprobe 64 (71 s)'
+    """
+    if ann["state"] == "failed":
+        return "failed: searches are exact"
+    took = f" ({ann['build_s']:.0f} s)" if "build_s" in ann and ann["state"] == "built" else ""
+    return f"{ann['state']}: {ann.get('kind')}, nprobe {ann.get('nprobe')}{took}"
 
 
 @app.command("info")
@@ -143,4 +164,11 @@ def info_cmd(
         table.add_row(key, plain(info[key]))
     table.add_row("roots", Text("\n").join(plain(r) for r in info["roots"]) or "-")
     table.add_row("size on disk", f"{info['size_bytes'] / 1e6:.1f} MB")
+    ann = info.get("ann")
+    table.add_row(
+        "ANN index",
+        f"{ann['kind']}, nprobe {ann['nprobe']}"
+        if ann
+        else f"none (from {info['ann_threshold']:,} images)",
+    )
     console.print(table)

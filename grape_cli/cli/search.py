@@ -89,8 +89,15 @@ def search_cmd(
     backend: str = typer.Option(
         "auto",
         "--backend",
-        help="faiss (exact, vectors in memory), lance (LanceDB; its ANN index if the table "
-        "has one), or auto (lance only when an ANN index exists).",
+        help="faiss (grape's ANN index past `grape index --ann-threshold`, else exact, "
+        "vectors in memory), lance (LanceDB; its ANN index if the table has one), or auto "
+        "(lance only when the table has a LanceDB ANN index, else faiss).",
+    ),
+    exact: bool = typer.Option(
+        False,
+        "--exact",
+        help="Brute force over every image, even where an approximate (ANN) index would "
+        "answer (an index past `grape index --ann-threshold`, or a LanceDB ANN index).",
     ),
     device: str = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu (default: best)."),
     threads: int = typer.Option(
@@ -122,6 +129,7 @@ def search_cmd(
         "backend": backend,
         "threads": threads,
         "seed": seed,
+        "exact": exact,
     }
     # Warm path: a running `grape serve` of this index answers when it supports the options
     # (grape_cli/remote.py). Then a text query without a rewriter is answered from the
@@ -130,7 +138,7 @@ def search_cmd(
     if result is None and _no_rewriter(rewriter, index) and rewrites == 1 and seed is None:
         result = quick_search(
             query, index, k, rewriter="none", image=image, backend=backend, device=device,
-            prompt=prompt_file, threads=threads,
+            prompt=prompt_file, threads=threads, exact=exact,
         )  # fmt: skip
     if result is None:
         from grape_cli.search import search
@@ -185,7 +193,9 @@ def _render_result(result) -> None:
     if result.image:
         weight = f", weight {result.image_weight:g}" if result.image_weight is not None else ""
         console.print(Text.assemble(("image", "bold"), ": ", plain(result.image), weight))
-    table = Table(title_justify="left")
+    table = Table(title_justify="left", caption_justify="left")
+    if not result.exact:  # the hits of an ANN index may miss a better image
+        table.caption = "approximate search (--exact: every image)"
     table.add_column("rank", justify="right")
     table.add_column(result.score_kind, justify="right")
     table.add_column("path", overflow="fold")
