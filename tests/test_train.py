@@ -240,6 +240,7 @@ def test_resume_needs_an_unfinished_run(world, tmp_path):
         ({"beta": -1}, "negative"),
         ({"negatives": 0}, "whole index"),
         ({"learning_rate": 3.0}, "small positive"),
+        ({"vllm_mode": "remote"}, "trl vllm-serve"),
     ],
 )
 def test_config_errors_name_the_fix(kw, words):

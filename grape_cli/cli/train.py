@@ -171,7 +171,16 @@ def train_cmd(
     ),
     prompt_file: Path = typer.Option(None, "--prompt-file", help=PROMPT_HELP),
     device: str = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu (default: best)."),
-    use_vllm: bool = typer.Option(False, "--use-vllm", help="Generate with vLLM (colocated)."),
+    use_vllm: bool = typer.Option(False, "--use-vllm", help="Generate with vLLM (TRL's)."),
+    vllm_mode: str = typer.Option(
+        D["vllm_mode"],
+        "--vllm-mode",
+        help="colocate: vLLM inside the training processes; server: a `trl vllm-serve "
+        "--model BASE` started first on GPUs of its own.",
+    ),
+    vllm_server: str = typer.Option(
+        None, "--vllm-server", help="The vLLM server's URL (server mode; TRL's default else)."
+    ),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow the base model's own Python code (trusted only)."
     ),
@@ -221,6 +230,8 @@ def train_cmd(
             prompt=_prompt(prompt_file),
             device=device,
             use_vllm=use_vllm,
+            vllm_mode=vllm_mode,
+            vllm_server=vllm_server,
             trust_remote_code=trust_remote_code,
             seed=seed,
         )

@@ -50,6 +50,8 @@ class TrainConfig:
     prompt: PromptTemplate | None = None
     device: str | None = None
     use_vllm: bool = False
+    vllm_mode: str = "colocate"  # or "server": `trl vllm-serve` on GPUs of its own
+    vllm_server: str | None = None  # the server's base URL (server mode)
     trust_remote_code: bool = False
     seed: int = 0
     chunk_size: int = DEFAULT_CHUNK
@@ -107,6 +109,11 @@ class TrainConfig:
         )
         yield self.max_words >= 1, f"`max_words` {self.max_words}", "allow at least 1 word"
         yield self.chunk_size >= 1, f"`chunk_size` {self.chunk_size}", "use 1 or more rows"
+        yield (
+            self.vllm_mode in ("colocate", "server"),
+            f"`vllm_mode` {self.vllm_mode!r}",
+            "use colocate (vLLM inside training) or server (`trl vllm-serve`)",
+        )
 
     def settings(self) -> dict:
         """The settings recorded in the run's state (paths as strings)."""

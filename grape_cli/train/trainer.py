@@ -327,7 +327,8 @@ def _grpo_config(GRPOConfig, config: TrainConfig, run: RunDirs, queries: int, de
         disable_tqdm=True,
         seed=config.seed,
         use_vllm=config.use_vllm,
-        vllm_mode="colocate",
+        vllm_mode=config.vllm_mode,
+        **({"vllm_server_base_url": config.vllm_server} if config.vllm_server else {}),
         dataloader_num_workers=0,
     )
 
