@@ -163,6 +163,12 @@ def main() -> None:
     ap.add_argument("--rewriter-queries", type=int, default=100, help="queries with one")
     ap.add_argument("--workdir", type=Path, help="keep the index and models here (default: temp)")
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
+    ap.add_argument(
+        "--rewriter",
+        type=Path,
+        help="also time this tuned rewriter (e.g. the bundled example's runs/rank; its "
+        "rewrites suit another retriever here, its generation cost is what is timed)",
+    )
     args = ap.parse_args()
 
     from grape_cli.tiny import CLIP_PRESETS, build_tiny_clip, build_tiny_lm
@@ -188,7 +194,8 @@ def main() -> None:
             build_index(index, args.n, str(clip))
             report["index_build_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
-        proc = start_server(index, [random_lm, taught_lm], env)
+        extra = [args.rewriter.resolve()] if args.rewriter else []
+        proc = start_server(index, [random_lm, taught_lm, *extra], env)
         report["server_start_s"] = round(time.perf_counter() - t, 2)
         from grape_cli.remote import read_state
 
@@ -200,7 +207,9 @@ def main() -> None:
 
         plain, answers = timed_queries(info.port, args.queries, "none")
         report["no_rewriter"] = {**plain, "server_side": server_side(answers)}
-        for key, lm in (("taught_rewriter", taught_lm), ("random_rewriter", random_lm)):
+        timed_lms = [("taught_rewriter", taught_lm), ("random_rewriter", random_lm)]
+        timed_lms += [("given_rewriter", lm) for lm in extra]
+        for key, lm in timed_lms:
             timed, answers = timed_queries(info.port, args.rewriter_queries, str(lm))
             report[key] = {
                 **timed,
@@ -236,7 +245,10 @@ def main() -> None:
         ("no_rewriter", "no rewriter"),
         ("taught_rewriter", "rewriter stand-in, taught (stops after a caption)"),
         ("random_rewriter", "rewriter stand-in, random weights (always 48 tokens)"),
+        ("given_rewriter", f"rewriter {args.rewriter}"),
     ):
+        if key not in report:
+            continue
         r = report[key]
         stages = ", ".join(f"{k[:-3]} {v} ms" for k, v in r["server_side"].items())
         print(
