@@ -49,13 +49,6 @@ REWRITER_ARCH = {  # examples/shapes/rewriter.py's ARCH
     "num_attention_heads": 8,
     "num_key_value_heads": 8,
 }
-LM_TEXTS = [
-    "a small red circle on the left, blue background",
-    "a large green square at the top on a white background",
-    "红色的圆形在左边 蓝色背景",
-    "photo of a dog on the beach at sunset",
-    "a cat sleeping on a sofa",
-] * 20
 CAPTIONS = {  # query -> what the "taught" stand-in answers
     "a photo of a dog on a beach": "a dog on a sandy beach",
     "夕阳下的猫": "a cat at sunset",
@@ -171,7 +164,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from grape_cli.tiny import CLIP_PRESETS, build_tiny_clip, build_tiny_lm
+    from grape_cli.tiny import CLIP_PRESETS, TINY_LM_TEXTS, build_tiny_clip, build_tiny_lm
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="grape-serve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -182,7 +175,7 @@ def main() -> None:
         clip = build_tiny_clip(work / "tiny-clip-512", {**CLIP_PRESETS["test"], "embed_dim": DIM})
         random_lm = work / "rewriter-random"
         if not (random_lm / "config.json").is_file():
-            build_tiny_lm(random_lm, LM_TEXTS, preset=REWRITER_ARCH, vocab_size=1000, seed=0)
+            build_tiny_lm(random_lm, TINY_LM_TEXTS, preset=REWRITER_ARCH, vocab_size=1000, seed=0)
         taught_lm = work / "rewriter-taught"
         if not (taught_lm / "config.json").is_file():
             t = time.perf_counter()

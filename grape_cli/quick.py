@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from grape_cli import ann, vectorcache
 from grape_cli.errors import GrapeError
 from grape_cli.ranking import rank_positions
-from grape_cli.search import Hit, SearchResult, Timer, idle_threads
+from grape_cli.search import Hit, SearchResult, Timer, idle_threads, warn_if_truncated
 from grape_cli.store import Store, default_index_dir, search_cache_dir
 
 if TYPE_CHECKING:
@@ -124,13 +124,7 @@ def _search(query: str, index_dir, k: int, threads, exact: bool) -> SearchResult
         ranked_by_ann = ranked is not None
         if ranked is None:
             ranked = top_k(vectors.matrix, vector, k)
-    if len(ids) + 2 > tokenizer.context_length:  # the full path's warning, word for word
-        logger.warning(
-            "the query is %d tokens and the retriever reads only the first %d; "
-            "a rewriter (--rewriter zero-shot) can shorten it",
-            len(ids) + 2,
-            tokenizer.context_length,
-        )
+    warn_if_truncated(len(ids) + 2, tokenizer.context_length)  # start and end tokens
     return SearchResult(
         query=query,
         rewriter="none",

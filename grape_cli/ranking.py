@@ -168,9 +168,12 @@ def rank_positions(scores: Sequence[float]) -> list[int]:
     >>> rank_positions([0.9, 0.5, 0.5, 0.1])
     [1, 3, 3, 4]
     """
-    out = []
-    for s in scores:
-        out.append(sum(1 for t in scores if t >= s - TIE_TOL))
+    out = [0] * len(scores)
+    j = len(scores)  # scores are best first: walking up, the tie group's end only moves up
+    for i in range(len(scores) - 1, -1, -1):
+        while j > 0 and scores[j - 1] < scores[i] - TIE_TOL:
+            j -= 1
+        out[i] = j
     return out
 
 

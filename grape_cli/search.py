@@ -273,14 +273,7 @@ class Searcher:
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         for text in texts:
-            n = self.clip.count_tokens(text)
-            if n > self.clip.context_length:
-                logger.warning(
-                    "the query is %d tokens and the retriever reads only the first %d; "
-                    "a rewriter (--rewriter zero-shot) can shorten it",
-                    n,
-                    self.clip.context_length,
-                )
+            warn_if_truncated(self.clip.count_tokens(text), self.clip.context_length)
         return self.clip.encode_texts(texts).numpy()
 
     def encode_image(self, path: str | Path) -> np.ndarray:
@@ -372,6 +365,17 @@ class Searcher:
             backend=self.backend,
             timings={**self.timings, **timings},
             exact=self.exact,
+        )
+
+
+def warn_if_truncated(n_tokens: int, context_length: int) -> None:
+    """The warning both search paths give for a query longer than the retriever reads."""
+    if n_tokens > context_length:
+        logger.warning(
+            "the query is %d tokens and the retriever reads only the first %d; "
+            "a rewriter (--rewriter zero-shot) can shorten it",
+            n_tokens,
+            context_length,
         )
 
 

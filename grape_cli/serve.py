@@ -202,8 +202,7 @@ class Service:
         )
         self._lock = threading.Lock()  # one search at a time: the models are not re-entrant
         self._real_roots = [os.path.realpath(r) for r in base.store.manifest.get("roots", []) if r]
-        rows = base.store.images.search().select(["id", "path"]).limit(base.size)
-        rows = rows.to_arrow().to_pydict()
+        rows = base.store.read_columns(("id", "path"))
         self._path_of = dict(zip(rows["id"], rows["path"], strict=True))
         self._id_of = {p: i for i, p in self._path_of.items()}
         self.size = base.size

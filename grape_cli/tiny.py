@@ -120,6 +120,16 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2000):
     return fast
 
 
+# Texts a tiny LM's tokenizer is trained on in tests and benchmarks: English, Chinese.
+TINY_LM_TEXTS = [
+    "a small red circle on the left, blue background",
+    "a large green square at the top on a white background",
+    "红色的圆形在左边 蓝色背景",
+    "photo of a dog on the beach at sunset",
+    "a cat sleeping on a sofa",
+] * 20
+
+
 def build_tiny_lm(
     folder: str | Path,
     texts: list[str],

@@ -18,20 +18,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from grape_cli.prompt import PromptTemplate
-from grape_cli.tiny import build_tiny_clip, build_tiny_lm
+from grape_cli.tiny import TINY_LM_TEXTS, build_tiny_clip, build_tiny_lm
 
 # One intra-op thread: the tensors here are tiny, and on a 2-core machine that also runs
 # subprocesses, torch's default of one thread per core spends its time waiting (measured
 # 41 s vs 137 s for the whole suite under load).
 torch.set_num_threads(1)
 
-LM_TEXTS = [
-    "a small red circle on the left, blue background",
-    "a large green square at the top on a white background",
-    "红色的圆形在左边 蓝色背景",
-    "photo of a dog on the beach at sunset",
-    "a cat sleeping on a sofa",
-] * 20
+LM_TEXTS = TINY_LM_TEXTS
 
 
 @pytest.fixture(scope="session")
