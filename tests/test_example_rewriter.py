@@ -54,6 +54,33 @@ def test_word_usage_reads_retriever_and_base_captions():
     }
 
 
+def test_colour_mixup_and_hedging_read_captions():
+    sc = world.Scene("x.jpg", "square", "red", "blue", "top", "small")
+    assert not rewriter.colour_mixup("a tiny crimson box, against a navy backdrop", sc)
+    assert rewriter.colour_mixup("a tiny navy box, against a crimson backdrop", sc)
+    assert rewriter.colour_mixup("a blue square at the top", sc)  # object given bg's colour
+    assert not rewriter.hedges("a small red square at the top, blue background")
+    assert not rewriter.hedges("a tiny crimson box off to one side, navy backdrop")
+    assert rewriter.hedges("a small red or orange square, blue background")
+    assert rewriter.hedges("a small red square box circle")
+    assert rewriter.hedges("a small big red square")
+
+
+def test_base_targets_drop_as_often_for_long_inputs():
+    """An instruction-tuned LLM reads a ramble as well as a short query: the supervised
+    targets drop the background of long inputs no more often than of Chinese ones."""
+    scenes = world.make_scenes(600, seed=2)
+    drops = {}
+    for kind in ("zh", "long"):
+        rng = random.Random(0)
+        targets = [rewriter.make_example(sc, rng, kind) for sc in scenes]
+        drops[kind] = sum(
+            rewriter.word_usage(t, sc)["background"] == "dropped"
+            for sc, (_, t) in zip(scenes, targets, strict=True)
+        ) / len(scenes)
+    assert drops["long"] < 0.25 and abs(drops["long"] - drops["zh"]) < 0.06, drops
+
+
 def test_quick_base_rewriter_loads_and_generates_one_line(tmp_path):
     train, _ = world.split_scenes(world.make_scenes(300, seed=0))
     folder = rewriter.train_base_rewriter(

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 # examples/ is not an installed package and --import-mode=importlib does not put the
@@ -57,7 +58,15 @@ def test_pairs_split_by_scene(tmp_path):
     assert len(held) == 15 and {s.file for s in train}.isdisjoint(s.file for s in held)
     corpus = world.write_corpus(tmp_path / "corpus", scenes, seed=2)
     paths = world.write_pairs(corpus, tmp_path / "pairs", train, held, seed=2)
-    assert set(paths) == {"train-zh", "heldout-zh", "train-long", "heldout-long", "heldout-en"}
+    assert set(paths) == {
+        "train-zh",
+        "heldout-zh",
+        "train-long",
+        "heldout-long",
+        "heldout-en",
+        "heldout-zh-unseen",
+        "heldout-long-unseen",
+    }
 
     def targets(name):
         rows = [json.loads(line) for line in paths[name].read_text("utf-8").splitlines()]
@@ -69,16 +78,18 @@ def test_pairs_split_by_scene(tmp_path):
     held_files = {s.file for s in held}
     for name in ("train-zh", "train-long"):
         assert targets(name) == {s.file for s in train}
-    for name in ("heldout-zh", "heldout-long", "heldout-en"):
+    for name in ("heldout-zh", "heldout-long", "heldout-en", "heldout-zh-unseen"):
         assert targets(name) == held_files
+    assert targets("heldout-long-unseen") == held_files
 
 
-def test_zh_queries_use_only_the_listed_words():
+@pytest.mark.parametrize("phrasing", world.PHRASINGS)
+def test_zh_queries_use_only_the_listed_words(phrasing):
     words = {**world.ZH_SHAPES, **world.ZH_COLORS, **world.ZH_POSITIONS, **world.ZH_SIZES}
     rng = random.Random(0)
     for s in world.make_scenes(300, seed=5):
-        q = world.query_zh(s, rng)
-        assert world.ZH_COLORS[s.background] + "背景" in q
+        q = world.query_zh(s, rng, phrasing)
+        assert world.ZH_COLORS[s.background] in q and "背景" in q
         for attr, table in [
             ("shape", world.ZH_SHAPES),
             ("color", world.ZH_COLORS),
@@ -98,9 +109,58 @@ def test_zh_queries_use_only_the_listed_words():
     assert set(words.values()) >= {"圆形", "爱心", "中间", "小", "大", "黑色"}
 
 
-def test_long_queries_are_long_and_en_captions_short():
+@pytest.mark.parametrize("phrasing", world.PHRASINGS)
+def test_long_queries_are_long_and_en_captions_short(phrasing):
     rng = random.Random(0)
     for s in world.make_scenes(50, seed=6):
-        long_q = world.query_long(s, rng)
-        assert len(long_q.split()) > 45 and s.shape in long_q and s.background in long_q
+        long_q = world.query_long(s, rng, phrasing)
+        assert len(long_q.split()) > 40, long_q
+        for attr in ("shape", "color", "size", "background"):
+            assert re.search(rf"\b{getattr(s, attr)}\b", long_q, re.I), (attr, long_q)
         assert len(world.caption_en(s, rng).split()) <= 12
+
+
+_VALUES = [
+    *world.SHAPES,
+    *world.COLORS,
+    *world.SIZES,
+    *world.POSITIONS,
+    *(c + "背景" for c in world.ZH_COLORS.values()),
+    *world.ZH_SHAPES.values(),
+    *world.ZH_COLORS.values(),
+    *world.ZH_POSITIONS.values(),
+    *world.ZH_SIZES.values(),
+]
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regex: its literal text, any attribute value where one goes."""
+    parts = re.split(r"\{\w+\}", template)
+    slot = "(?:" + "|".join(map(re.escape, _VALUES)) + ")"
+    return re.compile(slot.join(map(re.escape, parts)), re.I)
+
+
+def test_unseen_phrasings_never_appear_in_seen_queries():
+    """The held-out-phrasing split is real: none of its fillers, clause or sentence
+    templates occurs in a query generated with the seen phrasings, and back."""
+    scenes = world.make_scenes(300, seed=7)
+    rng = random.Random(0)
+    queries = {
+        ph: (
+            [world.query_long(s, rng, ph) for s in scenes],
+            [world.query_zh(s, rng, ph) for s in scenes],
+        )
+        for ph in world.PHRASINGS
+    }
+    for ph, other in (("seen", "unseen"), ("unseen", "seen")):
+        long_q, zh_q = queries[other]
+        pieces = [*world.FILLER[ph], *world.ZH_TEMPLATES[ph]]
+        pieces += [t for ts in world.LONG_CLAUSES[ph].values() for t in ts]
+        pieces += [t for ts in world.LONG_POS[ph].values() for t in ts]
+        for piece in pieces:
+            pat = _pattern(piece)
+            assert not any(pat.search(q) for q in long_q + zh_q), (ph, piece)
+    # Every phrasing is used: the split is not one-sided by accident.
+    for ph in world.PHRASINGS:
+        joined = " ".join(queries[ph][0])
+        assert all(f in joined for f in world.FILLER[ph])

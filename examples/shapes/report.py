@@ -9,7 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = ("none", "base", "grpo-similarity", "grpo-rank")
+from examples.shapes.rewriter import hedges
+from examples.shapes.world import ATTRIBUTES
+
+ROWS = ("none", "base", "grpo-similarity", "grpo-rank", "grpo-rank-top")
+REWARDS = ("rank", "rank-top", "similarity")
+SHIFTS = ("zh", "long", "zh-unseen", "long-unseen")
 
 
 def _fmt(x, nd: int = 3) -> str:
@@ -47,6 +52,7 @@ def heldout_inflation(per_query: Path, spec: str, index_dir: Path, clip) -> dict
     ref = corpus[torch.randperm(len(corpus), generator=torch.Generator().manual_seed(0))[:256]]
     out = inflation(score_targets(q, corpus, targets), q, ref)
     out["clean"] = clean_fraction(texts, clip)
+    out["hedging"] = float(np.mean([hedges(t) for t in texts])) if texts else 0.0
     return out
 
 
@@ -78,43 +84,63 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
 
     oracle = results["eval"]["en"]["rows"][0]["metrics"]
     infl: dict[str, dict] = {}
-    for shift in ("zh", "long"):
+    summary: dict[str, dict] = {}
+    for shift in SHIFTS:
         report = results["eval"][shift]
         rows = {names.get(r["rewriter"], r["rewriter"]): r for r in report["rows"]}
         none_r10 = rows["none"]["metrics"]["recall@10"]
+        span = oracle["recall@10"] - none_r10
         per_query = work / "eval" / f"per-query-{shift}.jsonl"
         lines += [
             f"## Held-out `{shift}` queries ({report['n_evaluated']} pairs)",
             "",
             "| rewriter | R@1 | R@5 | R@10 | MRR | median rank | gap closure R@10 "
-            "| clean rewrites | rewrite ms/query |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| R@1 - oracle | clean rewrites | hedging | rewrite ms/query |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name in ROWS:
             r = rows[name]
             m = r["metrics"]
-            span = oracle["recall@10"] - none_r10
             gap = (m["recall@10"] - none_r10) / span if span > 0 else None
             stats = heldout_inflation(per_query, r["rewriter"], work / "index", clip)
             infl.setdefault(name, {})[shift] = stats
+            summary.setdefault(name, {})[shift] = {**m, "closure": gap, **stats}
+            hedging = "-" if name == "none" else f"{stats['hedging']:.0%}"
             lines.append(
                 f"| {name} | {_fmt(m['recall@1'])} | {_fmt(m['recall@5'])} "
                 f"| {_fmt(m['recall@10'])} | {_fmt(m['mrr'])} | {m['median_rank']:.0f} "
-                f"| {_fmt(gap, 2)} | {stats['clean']:.0%} "
-                f"| {r['rewrite_ms_per_query']:.1f} |"
+                f"| {_fmt(gap, 2)} | {m['recall@1'] - oracle['recall@1']:+.3f} "
+                f"| {stats['clean']:.0%} | {hedging} | {r['rewrite_ms_per_query']:.1f} |"
             )
         lines.append(
             f"| en (oracle) | {_fmt(oracle['recall@1'])} | {_fmt(oracle['recall@5'])} "
             f"| {_fmt(oracle['recall@10'])} | {_fmt(oracle['mrr'])} "
-            f"| {oracle['median_rank']:.0f} | 1.00 | - | - |"
+            f"| {oracle['median_rank']:.0f} | 1.00 | +0.000 | - | - | - |"
         )
         lines.append("")
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    lines += [
+        "## Rewards side by side",
+        "",
+        "GRPO gap closure at R@10 and R@1 (held-out pairs; `-unseen`: phrasings no training "
+        "data used). Hedging: share of rewrites naming more than one value for one attribute.",
+        "",
+        "| reward | " + " | ".join(f"{s} closure / R@1" for s in SHIFTS) + " | hedging |",
+        "|---|" + "---|" * (len(SHIFTS) + 1),
+    ]
+    for reward in REWARDS:
+        row = summary[f"grpo-{reward}"]
+        cells = [f"{_fmt(row[s]['closure'], 2)} / {_fmt(row[s]['recall@1'])}" for s in SHIFTS]
+        hedge = np.mean([row[s]["hedging"] for s in SHIFTS])
+        lines.append(f"| {reward} | " + " | ".join(cells) + f" | {hedge:.1%} |")
+    lines.append("")
 
     lines += [
         "## Score inflation",
         "",
         "Mean cosine of a rewrite to its target, to its 10 best-scoring non-target "
-        "images, and to 256 random corpus images. Held-out rewrites (zh and long):",
+        "images, and to 256 random corpus images. Held-out rewrites:",
         "",
         "| rewriter | shift | target | top-10 non-target | random |",
         "|---|---|---|---|---|",
@@ -132,7 +158,7 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
         "| reward | when | target | top-10 non-target | random |",
         "|---|---|---|---|---|",
     ]
-    for reward in ("rank", "similarity"):
+    for reward in REWARDS:
         for when, s in results[f"train_{reward}"].get("inflation", {}).items():
             lines.append(
                 f"| {reward} | {when} | {_fmt(s.get('target_cos'))} "
@@ -140,10 +166,30 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
             )
     lines.append("")
 
+    comp = results.get("comprehension", {})
+    if comp:
+        lines += [
+            "## How the base rewriter reads held-out queries",
+            "",
+            "Greedy rewrites of held-out scenes' queries: the share where the object's "
+            "and the background's colours are swapped, and where an attribute is dropped "
+            "or given a wrong value.",
+            "",
+            "| queries | colour mix-ups | "
+            + " | ".join(f"{a} dropped / wrong" for a in ATTRIBUTES)
+            + " |",
+            "|---|---|" + "---|" * len(ATTRIBUTES),
+        ]
+        for key, rep in comp.items():
+            g = rep["greedy"]
+            cells = [f"{g[a]['dropped']:.0%} / {g[a]['wrong']:.0%}" for a in ATTRIBUTES]
+            lines.append(f"| {key} | {rep['colour_mixup']:.0%} | " + " | ".join(cells) + " |")
+        lines.append("")
+
     lines += ["## Time", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stages_s"].items()]
     lines.append(f"| total | {sum(results['stages_s'].values()):.1f} |")
-    for reward in ("rank", "similarity"):
+    for reward in REWARDS:
         t = results[f"train_{reward}"]
         lines.append(
             f"\nGRPO `{reward}`: {t['steps']} steps, {t['seconds_per_step']:.2f} s/step "
@@ -152,7 +198,7 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
         )
     lines += [
         "",
-        "## `grape search` in Chinese with the rank-tuned rewriter",
+        f"## `grape search` in Chinese with the `{results['search_reward']}`-tuned rewriter",
         "",
         "```",
         results["search"].rstrip(),

@@ -45,6 +45,7 @@ trains on the default world's training split and prints held-out usage statistic
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import random
@@ -57,6 +58,7 @@ from examples.shapes.world import (
     ATTRIBUTES,
     COLORS,
     EN_POSITIONS,
+    PHRASINGS,
     POSITIONS,
     SHAPES,
     SIZES,
@@ -107,9 +109,10 @@ P_EXACT = 0.06  # per attribute: the retriever's word instead of the habit
 P_ORACLE = 0.04  # whole target: the retriever's own caption (~9% exact per attribute)
 P_NATURAL = 0.85  # a NATURAL value comes out exact this often
 P_VARIANT = 0.25  # among synonyms, the rarer variants
-# Chance to leave a detail out, for (short, long) inputs. A long ramble mostly loses its
-# background: the LLM keeps to the object.
-P_DROP = {"size": (0.25, 0.4), "position": (0.1, 0.3), "background": (0.15, 0.55)}
+# Chance to leave a detail out, the same for every kind of input: an instruction-tuned
+# LLM reads a rambling paragraph as well as a short one (0.1.0's example dropped the
+# background of 55% of long inputs by design, 91% in practice; real LLMs do not).
+P_DROP = {"size": 0.25, "position": 0.1, "background": 0.15}
 # After the Chinese-only start (ZH_FIRST). Long inputs are the hardest and the costliest
 # (~3.4x a short step), and still only partly learned: see the module docstring.
 INPUT_MIX = {"zh": 0.2, "long": 0.5, "en": 0.3}
@@ -127,7 +130,7 @@ ARCH = {
     "num_key_value_heads": 8,
 }
 VOCAB = 2500  # an upper bound: the BPE runs out of merges near 960
-STEPS, QUICK_STEPS = 1500, 80
+STEPS, QUICK_STEPS = 2000, 80
 BATCH = 16
 LR, WARMUP = 2e-3, 30
 
@@ -148,11 +151,11 @@ def _a(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def base_caption(scene: Scene, rng: random.Random, long_input: bool = False) -> str:
+def base_caption(scene: Scene, rng: random.Random) -> str:
     """One supervised target: what the imitated LLM would answer for this scene."""
     if rng.random() < P_ORACLE:
         return caption_en(scene, rng)
-    keep = {k: rng.random() >= p[long_input] for k, p in P_DROP.items()}
+    keep = {k: rng.random() >= p for k, p in P_DROP.items()}
     noun = f"{_word(scene.color, rng)} {_word(scene.shape, rng)}"
     if keep["size"]:
         noun = f"{_word(scene.size, rng)} {noun}"
@@ -174,7 +177,7 @@ def base_caption(scene: Scene, rng: random.Random, long_input: bool = False) -> 
 def make_example(scene: Scene, rng: random.Random, kind: str) -> tuple[str, str]:
     """(query, target) for one scene and input kind: 'zh', 'long' or 'en'."""
     query = {"zh": query_zh, "long": query_long, "en": caption_en}[kind](scene, rng)
-    return query, base_caption(scene, rng, long_input=kind == "long")
+    return query, base_caption(scene, rng)
 
 
 # --------------------------------------------------------------------------- training
@@ -330,14 +333,19 @@ def train_base_rewriter(
 # --------------------------------------------------------------------------- analysis
 
 _VALUES = {"shape": SHAPES, "color": COLORS, "position": POSITIONS, "size": SIZES}
+# Synonyms that name one value only ("off to one side" is left or right: no hedge).
+_OWN_WORDS = {
+    v: [w for w in syns if sum(w in other for other in SYNONYMS.values()) == 1]
+    for v, syns in SYNONYMS.items()
+}
 
 
 def _find(text: str, phrase: str) -> list[int]:
     return [m.start() for m in re.finditer(rf"\b{re.escape(phrase)}\b", text)]
 
 
-def word_usage(text: str, scene: Scene) -> dict[str, str]:
-    """Per attribute: 'exact' (the retriever's word), 'synonym', 'wrong' or 'dropped'.
+def colour_reads(text: str) -> dict[str, tuple[str, bool] | None]:
+    """The (value, is exact word) a caption gives for `color` and `background`, or None.
 
     Colour and background share a vocabulary: a colour word right before "background"
     or "backdrop" is the background, the first other one is the object's colour.
@@ -349,22 +357,27 @@ def word_usage(text: str, scene: Scene) -> dict[str, str]:
         spans += [(i, c, False) for s in SYNONYMS[c] for i in _find(text, s)]
     spans.sort()
     bg_at = {m.start() for m in re.finditer(r"\b\w+(?= (background|backdrop)\b)", text)}
-    colour_spans = {
-        "background": [s for s in spans if s[0] in bg_at],
-        "color": [s for s in spans if s[0] not in bg_at],
-    }
+    bg = [s[1:] for s in spans if s[0] in bg_at]
+    obj = [s[1:] for s in spans if s[0] not in bg_at]
+    return {"color": obj[0] if obj else None, "background": bg[0] if bg else None}
+
+
+def word_usage(text: str, scene: Scene) -> dict[str, str]:
+    """Per attribute: 'exact' (the retriever's word), 'synonym', 'wrong' or 'dropped'."""
+    text = text.lower()
+    colours = colour_reads(text)
     out = {}
     for attr in ATTRIBUTES:
         true = getattr(scene, attr)
-        if attr in colour_spans:
-            hits = colour_spans[attr][:1]
+        if attr in colours:
+            hit = colours[attr]
             out[attr] = (
                 "dropped"
-                if not hits
+                if hit is None
                 else "wrong"
-                if hits[0][1] != true
+                if hit[0] != true
                 else "exact"
-                if hits[0][2]
+                if hit[1]
                 else "synonym"
             )
             continue
@@ -377,6 +390,30 @@ def word_usage(text: str, scene: Scene) -> dict[str, str]:
         else:
             out[attr] = "dropped"
     return out
+
+
+def colour_mixup(text: str, scene: Scene) -> bool:
+    """The object's colour given as the background's, or the other way round."""
+    c = colour_reads(text)
+    return (c["color"] is not None and c["color"][0] == scene.background) or (
+        c["background"] is not None and c["background"][0] == scene.color
+    )
+
+
+def hedges(text: str) -> bool:
+    """More than one value named for one attribute ("a red or crimson or orange box"):
+    how a policy games a cosine reward, by covering every value it is unsure of."""
+    text = text.lower()
+    for attr, values in _VALUES.items():
+        named = {v for v in values for w in [v, *_OWN_WORDS[v]] if _find(text, w)}
+        if attr == "color":  # object and background colours are two attributes
+            bg = colour_reads(text)["background"]
+            named -= {bg[0]} if bg else set()
+            if len(named) > 1:
+                return True
+        elif len(named) > 1:
+            return True
+    return False
 
 
 def usage_report(
@@ -401,10 +438,13 @@ def usage_report(
     model, tokenizer = load_causal_lm(str(model_dir), device="cpu")
     torch.manual_seed(seed)
     report: dict = {}
-    for kind, fn in (("zh", query_zh), ("long", query_long)):
-        rng = random.Random(f"{seed}:{kind}")
-        queries = [fn(sc, rng) for sc in scenes]
+    for (kind, fn), phrasing in itertools.product(
+        (("zh", query_zh), ("long", query_long)), PHRASINGS
+    ):
+        rng = random.Random(f"{seed}:{kind}:{phrasing}")
+        queries = [fn(sc, rng, phrasing) for sc in scenes]
         greedy, reach, rescue = Counter(), Counter(), Counter()
+        mixups = 0
         examples = []
         for i in range(0, len(scenes), 32):
             batch = [render_prompt(tokenizer, PromptTemplate(), q) for q in queries[i : i + 32]]
@@ -412,14 +452,18 @@ def usage_report(
             n = enc["input_ids"].shape[1]
             with torch.no_grad():
                 g = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens)
-                s = model.generate(
-                    **enc,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    num_return_sequences=samples,
-                    max_new_tokens=max_new_tokens,
+                s = (
+                    model.generate(
+                        **enc,
+                        do_sample=True,
+                        temperature=temperature,
+                        top_k=0,
+                        top_p=1.0,
+                        num_return_sequences=samples,
+                        max_new_tokens=max_new_tokens,
+                    )
+                    if samples
+                    else g[:0]
                 )
             g_txt = tokenizer.batch_decode(g[:, n:], skip_special_tokens=True)
             s_txt = tokenizer.batch_decode(s[:, n:], skip_special_tokens=True)
@@ -429,6 +473,7 @@ def usage_report(
                     examples.append([queries[i + j], text])
                 usage = word_usage(text, sc)
                 greedy.update(usage.items())
+                mixups += colour_mixup(text, sc)
                 hits = {
                     a
                     for k in range(samples)
@@ -438,7 +483,7 @@ def usage_report(
                 reach.update(hits)
                 rescue.update(a for a in hits if usage[a] != "exact")
         n_miss = {a: len(scenes) - greedy[a, "exact"] for a in ATTRIBUTES}
-        report[kind] = {
+        report[f"{kind}-{phrasing}"] = {
             "greedy": {
                 a: {
                     u: round(greedy[a, u] / len(scenes), 3)
@@ -446,6 +491,7 @@ def usage_report(
                 }
                 for a in ATTRIBUTES
             },
+            "colour_mixup": round(mixups / len(scenes), 3),
             f"reach@{samples}": {a: round(reach[a] / len(scenes), 3) for a in ATTRIBUTES},
             f"rescue@{samples}": {a: round(rescue[a] / max(1, n_miss[a]), 3) for a in ATTRIBUTES},
             "examples": examples,
@@ -463,11 +509,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--eval", type=int, default=200, help="held-out scenes to analyse")
+    ap.add_argument("--samples", type=int, default=8, help="sampled rewrites per query")
+    ap.add_argument("--no-train", action="store_true", help="analyse OUT_DIR as it is")
     args = ap.parse_args(argv)
     train, heldout = split_scenes(make_scenes())
-    folder = train_base_rewriter(args.out_dir, train, steps=args.steps, quick=args.quick)
+    folder = args.out_dir
+    if not args.no_train:
+        folder = train_base_rewriter(args.out_dir, train, steps=args.steps, quick=args.quick)
     t = time.time()
-    report = usage_report(folder, heldout[: args.eval])
+    report = usage_report(folder, heldout[: args.eval], samples=args.samples)
     report["eval_seconds"] = round(time.time() - t, 1)
     print(json.dumps(report, indent=1, ensure_ascii=False))
     return report

@@ -3,7 +3,8 @@
 Each image is one object (shape, colour, size, position) on a plain background. A tiny
 CLIP is trained on `caption_en` only, so it reads short English in those few styles;
 `query_zh` (Chinese) and `query_long` (rambling English longer than the text encoder's
-32-token window) describe the same scenes in ways it never saw. A rewriter has to map
+32-token window) describe the same scenes in ways it never saw, each in two disjoint
+sets of phrasings (`PHRASINGS`): seen ones for training, unseen ones held out. A rewriter has to map
 them back to the retriever's words, which is what GRAPE's GRPO stage learns.
 
 Everything is a pure function of its seed: the corpus, the pairs and every render.
@@ -17,6 +18,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -235,83 +237,195 @@ def fill_template(template: str, scene: Scene) -> str:
     )
 
 
-ZH_TEMPLATES = [
-    "{bg}的{pos}有一个{size}的{color}{shape}",
-    "一个{size}{color}{shape}在{pos}，{bg}",
-    "{bg}，{pos}是一个{color}的{size}{shape}",
-    "找一张{bg}的图片，{pos}有{size}{color}{shape}",
-    "图片{pos}有一个{size}{color}{shape}，{bg}",
-    "{color}{shape}，{size}的，在{pos}，{bg}",
-]
+# Users write in their own words, so the Chinese and long-form generators come in two
+# disjoint sets of phrasings. "seen" phrasings are the only ones the base rewriter's
+# supervised data, its tokenizer and GRPO's training pairs use; "unseen" ones (other
+# sentence structures, clause templates and fillers over the same vocabulary) appear
+# only in the heldout-*-unseen pairs, to measure what a tuned rewriter does with
+# phrasings it never met. The vocabulary is shared: a real LLM knows the words, what it
+# has not seen is how this user strings them together.
+PHRASINGS = ("seen", "unseen")
+
+ZH_TEMPLATES = {
+    "seen": [
+        "{bg}的{pos}有一个{size}的{color}{shape}",
+        "一个{size}{color}{shape}在{pos}，{bg}",
+        "{bg}，{pos}是一个{color}的{size}{shape}",
+        "找一张{bg}的图片，{pos}有{size}{color}{shape}",
+        "图片{pos}有一个{size}{color}{shape}，{bg}",
+        "{color}{shape}，{size}的，在{pos}，{bg}",
+        "我要找{pos}有{size}{color}{shape}的图，{bg}",
+        "{size}{color}{shape}，位置：{pos}，{bg}",
+        "背景是{bgc}，{pos}有一个{size}的{color}{shape}",
+        "请帮我找：{color}的{shape}，{size}，在{pos}，背景{bgc}",
+    ],
+    "unseen": [
+        "有没有一张{bg}的照片？{shape}是{color}的，{size}的，在{pos}",
+        "{pos}那个{color}{shape}，挺{size}的，后面是{bg}",
+        "记得是{bg}，有个{color}的东西，形状是{shape}，{size}的，位置在{pos}",
+        "一张图：{shape}（{color}，{size}），在{pos}；背景颜色是{bgc}",
+        "想找{color}{shape}的图片。它在{pos}，{size}。{bg}。",
+        "在{pos}，一个{size}的{shape}，颜色是{color}，背景为{bgc}",
+    ],
+}
 
 
-def query_zh(scene: Scene, rng: random.Random) -> str:
-    return rng.choice(ZH_TEMPLATES).format(
+def query_zh(scene: Scene, rng: random.Random, phrasing: str = "seen") -> str:
+    return rng.choice(ZH_TEMPLATES[phrasing]).format(
         size=ZH_SIZES[scene.size],
         color=ZH_COLORS[scene.color],
         shape=ZH_SHAPES[scene.shape],
         pos=ZH_POSITIONS[scene.position],
         bg=ZH_COLORS[scene.background] + "背景",
+        bgc=ZH_COLORS[scene.background],
     )
 
 
-FILLER = [
-    "I took this picture a while ago and I have been trying to find it again for days.",
-    "My photo folder is a complete mess, there are thousands of files in there.",
-    "It was for a presentation at work, or maybe it was for my niece, I forget.",
-    "Honestly I should have given the files better names when I saved them.",
-    "A friend asked me to send it to her and now I cannot find it anywhere.",
-    "I remember it looked quite simple, nothing fancy at all.",
-    "There were a lot of similar ones so please look carefully.",
-    "I hope this makes sense, I am not very good at describing pictures.",
-]
-LONG_SHAPE = [
-    "the thing in it was a {shape}, I am fairly sure",
-    "there was this {shape}, or at least it looked like a {shape} to me",
-    "I keep thinking of the {shape} in it",
-]
-LONG_COLOR = [
-    "it was {color}, kind of a {color} colour I believe",
-    "the colour of it was {color} if I remember right",
-    "it was {color}",
-]
-LONG_SIZE = [
-    "it was pretty {size} compared to the picture",
-    "not huge or tiny, well, {size} really",
-    "I would call it {size}",
-]
-LONG_POS = {
-    "left": "it sat over on the left side",
-    "right": "it was off to the right",
-    "top": "it was up at the top",
-    "bottom": "it was down at the bottom",
-    "center": "it was right in the center",
+FILLER = {
+    "seen": [
+        "I took this picture a while ago and I have been trying to find it again for days.",
+        "My photo folder is a complete mess, there are thousands of files in there.",
+        "It was for a presentation at work, or maybe it was for my niece, I forget.",
+        "Honestly I should have given the files better names when I saved them.",
+        "A friend asked me to send it to her and now I cannot find it anywhere.",
+        "I remember it looked quite simple, nothing fancy at all.",
+        "There were a lot of similar ones so please look carefully.",
+        "I hope this makes sense, I am not very good at describing pictures.",
+        "We used it on a poster for the school fair last spring.",
+        "I think I downloaded it from an old email but the email is gone now.",
+        "Sorry for the long message, I have been looking for ages.",
+        "It might have been in the folder from my old laptop.",
+    ],
+    "unseen": [
+        "This is going to sound silly but I really need that one image back.",
+        "My manager wants it in the slides by tomorrow morning.",
+        "I scrolled through my whole gallery twice already without luck.",
+        "It is one of those simple graphics you make in a minute.",
+        "My cousin made a whole set of these for a card game.",
+        "Searching by file name gets me nowhere, they are all numbers.",
+        "Any help is appreciated, thanks in advance.",
+    ],
 }
-LONG_BG = [
-    "behind it everything was {background}",
-    "the whole background was {background}",
-    "with a plain {background} background",
-]
+# One clause per attribute; {x} is the value. Colour clauses name the object, background
+# clauses always carry a cue (background, backdrop, behind), as a person would.
+LONG_CLAUSES = {
+    "seen": {
+        "shape": [
+            "the thing in it was a {x}, I am fairly sure",
+            "there was this {x}, or at least it looked like a {x} to me",
+            "I keep thinking of the {x} in it",
+            "it showed a single {x}",
+            "{x} is what it was, I think",
+        ],
+        "color": [
+            "it was {x}, kind of a {x} colour I believe",
+            "the colour of it was {x} if I remember right",
+            "it was {x}",
+            "the shape itself was coloured {x}",
+            "{x}, that was its colour",
+        ],
+        "size": [
+            "it was pretty {x} compared to the picture",
+            "not huge or tiny, well, {x} really",
+            "I would call it {x}",
+            "size-wise it was {x}",
+            "{x} compared to the rest of the picture",
+        ],
+        "background": [
+            "behind it everything was {x}",
+            "the whole background was {x}",
+            "with a plain {x} background",
+            "the backdrop was {x}",
+            "{x} in the background",
+        ],
+    },
+    "unseen": {
+        "shape": [
+            "the main object was shaped like a {x}",
+            "a {x}, that is what was drawn",
+            "picture a {x}",
+        ],
+        "color": [
+            "its colour? {x}, definitely",
+            "the object had a {x} tint",
+            "{x} was the colour of the shape",
+        ],
+        "size": [
+            "{x}, as far as size goes",
+            "it was on the {x} side",
+            "quite a {x} one",
+        ],
+        "background": [
+            "the background? {x}, all of it",
+            "it stood against a flat {x} backdrop",
+            "{x} was the background colour",
+        ],
+    },
+}
+LONG_POS = {
+    "seen": {
+        "left": ["it sat over on the left side", "it was placed towards the left"],
+        "right": ["it was off to the right", "it was placed towards the right"],
+        "top": ["it was up at the top", "it was near the top of the frame"],
+        "bottom": ["it was down at the bottom", "it was near the bottom of the frame"],
+        "center": ["it was right in the center", "it was placed in the center"],
+    },
+    "unseen": {
+        "left": ["you would find it at the left edge"],
+        "right": ["you would find it at the right edge"],
+        "top": ["it hung at the top"],
+        "bottom": ["it rested at the bottom"],
+        "center": ["it sat dead in the center"],
+    },
+}
 
 
-def query_long(scene: Scene, rng: random.Random) -> str:
-    """Filler first, then the attributes scattered over rambling clauses in random order.
-
-    The filler alone is longer than the retriever's 32 tokens, so the description is
-    mostly cut off; what survives is buried in words the retriever never saw.
-    """
-    parts = [
-        rng.choice(LONG_SHAPE).format(shape=scene.shape),
-        rng.choice(LONG_COLOR).format(color=scene.color),
-        rng.choice(LONG_SIZE).format(size=scene.size),
-        LONG_POS[scene.position],
-        rng.choice(LONG_BG).format(background=scene.background),
-    ]
+def _long_clauses(scene: Scene, rng: random.Random, phrasing: str) -> list[str]:
+    clauses = LONG_CLAUSES[phrasing]
+    parts = [rng.choice(clauses[a]).format(x=getattr(scene, a)) for a in clauses]
+    parts.append(rng.choice(LONG_POS[phrasing][scene.position]))
     rng.shuffle(parts)
-    head = rng.sample(FILLER, rng.randint(2, 3))
-    tail = rng.sample([f for f in FILLER if f not in head], rng.randint(0, 1))
-    desc = "So, " + ", and ".join(parts) + "."
-    return " ".join([*head, desc, *tail])
+    return parts
+
+
+def _sentence(clause: str) -> str:
+    return clause[0].upper() + clause[1:] + "."
+
+
+# Sentence structures: where the description sits among the fillers and how its
+# clauses are joined. Each takes (clauses, head fillers, tail fillers).
+LONG_STRUCTURES = {
+    "seen": [
+        # Filler first, then "So, a, and b, and c." (the 0.1.0 example's only structure).
+        lambda c, h, t: " ".join([*h, "So, " + ", and ".join(c) + ".", *t]),
+        # Filler, then one short sentence per clause.
+        lambda c, h, t: " ".join([*h, *map(_sentence, c), *t]),
+        # Filler, then a colon-led list.
+        lambda c, h, t: " ".join([*h, "What I remember: " + "; ".join(c) + ".", *t]),
+    ],
+    "unseen": [
+        # The description first, the rambling after.
+        lambda c, h, t: " ".join(["Here is what I recall.", _sentence(", ".join(c)), *h, *t]),
+        # Clauses interleaved with the fillers.
+        lambda c, h, t: " ".join(
+            [h[0], _sentence(", ".join(c[:2])), *h[1:], _sentence(" and ".join(c[2:])), *t]
+        ),
+    ],
+}
+
+
+def query_long(scene: Scene, rng: random.Random, phrasing: str = "seen") -> str:
+    """Filler, and the five attributes scattered over rambling clauses in random order.
+
+    The fillers alone are about as long as the retriever's 32-token window, so the
+    description is mostly cut off; what survives is buried in words the retriever never
+    saw.
+    """
+    clauses = _long_clauses(scene, rng, phrasing)
+    fillers = FILLER[phrasing]
+    head = rng.sample(fillers, rng.randint(2, 3))
+    tail = rng.sample([f for f in fillers if f not in head], rng.randint(0, 1))
+    return rng.choice(LONG_STRUCTURES[phrasing])(clauses, head, tail)
 
 
 # --------------------------------------------------------------------------- splits
@@ -339,7 +453,10 @@ def write_pairs(
 ) -> dict[str, Path]:
     """Query/target files; train gets two queries per scene, held-out one.
 
-    Targets are relative to the pairs file so the folder pair can be moved as a whole.
+    Training pairs use the seen phrasings only. The held-out scenes get one query in
+    seen phrasings (`heldout-zh`, `heldout-long`) and one in phrasings no training data
+    uses (`heldout-zh-unseen`, `heldout-long-unseen`). Targets are relative to the pairs
+    file so the folder pair can be moved as a whole.
     """
     pairs_dir = Path(pairs_dir)
     pairs_dir.mkdir(parents=True, exist_ok=True)
@@ -349,6 +466,8 @@ def write_pairs(
         "heldout-zh": (heldout, query_zh, 1),
         "train-long": (train, query_long, 2),
         "heldout-long": (heldout, query_long, 1),
+        "heldout-zh-unseen": (heldout, partial(query_zh, phrasing="unseen"), 1),
+        "heldout-long-unseen": (heldout, partial(query_long, phrasing="unseen"), 1),
         "heldout-en": (heldout, caption_en, 1),
     }
     out = {}
