@@ -115,8 +115,13 @@ P_VARIANT = 0.25  # among synonyms, the rarer variants
 P_DROP = {"size": 0.25, "position": 0.1, "background": 0.15}
 # After the Chinese-only start (ZH_FIRST). Long inputs are the hardest and the costliest
 # (~3.4x a short step), and still only partly learned: see the module docstring.
-INPUT_MIX = {"zh": 0.2, "long": 0.5, "en": 0.3}
-ZH_FIRST = 0.35  # fraction of steps on Chinese inputs only
+INPUT_MIX = {"zh": 0.16, "long": 0.6, "en": 0.24}
+ZH_FIRST = 0.2  # fraction of steps on Chinese inputs only
+# Before this fraction of steps, long inputs come without their fillers: the model learns
+# to read the description before it learns to skip the rambling around it. Measured on
+# 200 held-out scenes, 3,000 steps: long-input shape wrong 25% with it, 84% without;
+# colour mix-ups 46% and 45%.
+CLAUSES_UNTIL = 0.5
 
 # 1.6M parameters. Width mattered more than depth: at hidden 128 (2 or 4 layers) the
 # model had not begun to read the query after 600 steps; at 256 it had by ~300. A GRPO
@@ -130,7 +135,7 @@ ARCH = {
     "num_key_value_heads": 8,
 }
 VOCAB = 2500  # an upper bound: the BPE runs out of merges near 960
-STEPS, QUICK_STEPS = 2000, 80
+STEPS, QUICK_STEPS = 3000, 80
 BATCH = 16
 LR, WARMUP = 2e-3, 30
 
@@ -174,9 +179,16 @@ def base_caption(scene: Scene, rng: random.Random) -> str:
     return ", ".join(parts)
 
 
+def _clauses(scene: Scene, rng: random.Random) -> str:
+    return query_long(scene, rng, fillers=False)
+
+
 def make_example(scene: Scene, rng: random.Random, kind: str) -> tuple[str, str]:
-    """(query, target) for one scene and input kind: 'zh', 'long' or 'en'."""
-    query = {"zh": query_zh, "long": query_long, "en": caption_en}[kind](scene, rng)
+    """(query, target) for one scene and input kind: 'zh', 'long', 'clauses' (a long
+    query's description without its fillers) or 'en'."""
+    query = {"zh": query_zh, "long": query_long, "clauses": _clauses, "en": caption_en}[kind](
+        scene, rng
+    )
     return query, base_caption(scene, rng)
 
 
@@ -294,6 +306,8 @@ def train_base_rewriter(
         # is one token, so the model learns to look attributes up within ~300 steps;
         # with English mixed in from the start it often had not after 1,000 (measured).
         kind = rng.choices(kinds, weights)[0] if step >= ZH_FIRST * steps else "zh"
+        if kind == "long" and step < CLAUSES_UNTIL * steps:
+            kind = "clauses"
         pairs = [
             _encode(tokenizer, prompts, *make_example(rng.choice(scenes_train), rng, kind))
             for _ in range(BATCH)

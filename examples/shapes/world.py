@@ -414,18 +414,20 @@ LONG_STRUCTURES = {
 }
 
 
-def query_long(scene: Scene, rng: random.Random, phrasing: str = "seen") -> str:
+def query_long(
+    scene: Scene, rng: random.Random, phrasing: str = "seen", fillers: bool = True
+) -> str:
     """Filler, and the five attributes scattered over rambling clauses in random order.
 
     The fillers alone are about as long as the retriever's 32-token window, so the
     description is mostly cut off; what survives is buried in words the retriever never
-    saw.
+    saw. `fillers=False` gives the rambling description alone.
     """
     clauses = _long_clauses(scene, rng, phrasing)
-    fillers = FILLER[phrasing]
-    head = rng.sample(fillers, rng.randint(2, 3))
-    tail = rng.sample([f for f in fillers if f not in head], rng.randint(0, 1))
-    return rng.choice(LONG_STRUCTURES[phrasing])(clauses, head, tail)
+    pool = FILLER[phrasing] if fillers else []
+    head = rng.sample(pool, rng.randint(2, 3)) if pool else [""]
+    tail = rng.sample([f for f in pool if f not in head], rng.randint(0, 1)) if pool else []
+    return rng.choice(LONG_STRUCTURES[phrasing])(clauses, head, tail).strip()
 
 
 # --------------------------------------------------------------------------- splits
