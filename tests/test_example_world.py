@@ -118,6 +118,9 @@ def test_long_queries_are_long_and_en_captions_short(phrasing):
         for attr in ("shape", "color", "size", "background"):
             assert re.search(rf"\b{getattr(s, attr)}\b", long_q, re.I), (attr, long_q)
         assert len(world.caption_en(s, rng).split()) <= 12
+        core = world.query_long(s, rng, phrasing, fillers=False)
+        assert not any(f in core for f in world.FILLER[phrasing]), core
+        assert re.search(rf"\b{s.background}\b", core, re.I) and len(core.split()) < 60
 
 
 _VALUES = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from grape_cli.errors import IndexMismatch
+from grape_cli.reward import DEFAULT_REWARD
 from grape_cli.runfolder import RunInfo
 
 
@@ -30,7 +31,8 @@ def test_index_train_search_uses_the_trained_rewriter(train_world, tiny_clip, cl
 
     r = cli("rewriters", "--json")
     (entry,) = json.loads(r.stdout)
-    assert entry["default"] and entry["reward"] == "rank" and entry["recall_at_10"] is not None
+    assert entry["default"] and entry["reward"] == DEFAULT_REWARD
+    assert entry["recall_at_10"] is not None
     assert "*" in cli("rewriters").stdout
 
     # eval without --rewriter: none and the default, side by side

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from grape_cli.errors import InputError, ModelError, TrainingError, UsageError
+from grape_cli.reward import DEFAULT_REWARD
 from grape_cli.train import TrainConfig, TrainingInterrupted, split_pairs, train_rewriter
 
 from .conftest import FAST, TRAIN_PROMPT
@@ -60,7 +61,7 @@ def test_cli_end_to_end_changes_weights_and_writes_every_file(trained_run, cli):
 
     meta = json.loads((out / "grape.json").read_text())
     assert meta["format"] == "grape-rewriter" and meta["format_version"] == 2
-    assert meta["adapter"] is False and meta["reward"] == "rank"
+    assert meta["adapter"] is False and meta["reward"] == DEFAULT_REWARD
     # A local base model is named, not located: its path is a machine-local fact.
     assert meta["base_model"] == "lm" and meta["base_model_local"] is True
     local = json.loads((out / "grape.local.json").read_text())

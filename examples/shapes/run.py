@@ -56,7 +56,7 @@ QUICK = {
 
 STAGE_DIRS = ("corpus", "pairs", "retriever", "index", "rewriter-base", "runs", "eval", "logs")
 SEARCH_QUERY = "一个小的红色圆形在左边，蓝色背景"
-SEARCH_REWARD = "rank"  # the run `grape search` shows
+SEARCH_REWARD = "rank-top"  # the run `grape search` shows: grape's default reward
 
 
 def log(msg: str) -> None:
