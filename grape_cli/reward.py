@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 # Weight of the format term added to each reward. 0.5 keeps a clean rewrite ahead of a
 # broken one that ranks its target up to half the corpus higher (rank reward scale).
 FORMAT_WEIGHT = 0.5
-# rank-top: on the bundled example it beat the paper's linear rank reward on every
-# held-out set and at every checkpoint (README, "Which reward"). The linear reward gives
+# rank-top: on the bundled example it beat the paper's linear rank reward at R@10 on
+# every held-out set and at every checkpoint (README, "Which reward"). The linear reward gives
 # ranks 1 and 10 rewards 0.0045 apart among 2,000 images, so once a target is on the
 # first page it barely pays to lift it to the top; 1/log2(r+1) does.
 DEFAULT_REWARD = "rank-top"

@@ -1,13 +1,14 @@
 """The bundled example, end to end: `python -m examples.shapes.run [--quick] [--workdir DIR]`.
 
 Builds the shapes world, trains its tiny CLIP retriever and tiny base rewriter, then runs
-grape's own commands on it, as a user would: `grape index`, `grape eval`, `grape train`
-(rank and similarity rewards), `grape eval` again and one `grape search` in Chinese.
-Writes RESULTS.md (tables, settings, seeds, timings, machine) into the work folder.
+grape's own commands on it, as a user would: `grape index`, `grape train` (rank,
+rank-top and similarity rewards), `grape eval` on held-out pairs in seen and unseen
+phrasings, and one `grape search` in Chinese. Writes RESULTS.md (tables, settings,
+seeds, timings, machine) into the work folder.
 
 Work folder layout (default examples/shapes/work/):
-  corpus/ (images + scenes.jsonl)  retriever/  index/  rewriter-base/
-  runs/rank/  runs/similarity/  pairs/  eval/  RESULTS.md
+  corpus/ (images + scenes.jsonl)  retriever/  index/  rewriter-base/  logs/
+  runs/rank/  runs/rank-top/  runs/similarity/  pairs/  eval/  results.json  RESULTS.md
 """
 
 from __future__ import annotations
