@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -33,21 +34,35 @@ def clean_fraction(rewrites: list[str], clip) -> float:
     return float(np.mean(ok)) if ok else 0.0
 
 
+@functools.cache
+def _index_vectors(index_dir: Path):
+    """Row of each path and the image vectors, read once for all rewriters and shifts."""
+    import torch
+
+    from grape_cli.store import Store
+
+    meta, matrix = Store.open(index_dir).load_matrix(("path",))
+    return {p: i for i, p in enumerate(meta["path"])}, torch.from_numpy(matrix.copy())
+
+
+@functools.cache
+def _records(per_query: Path) -> list[dict]:
+    """One shift's per-query records (the same file serves every rewriter)."""
+    recs = [json.loads(line) for line in per_query.read_text(encoding="utf-8").splitlines()]
+    return [r for r in recs if "rewrites" in r]
+
+
 def heldout_inflation(per_query: Path, spec: str, index_dir: Path, clip) -> dict:
     """Score inflation of one rewriter's held-out rewrites, measured as in training."""
     import torch
 
     from grape_cli.ranking import score_targets
     from grape_cli.reward import inflation
-    from grape_cli.store import Store
 
-    meta, matrix = Store.open(index_dir).load_matrix(("path",))
-    row = {p: i for i, p in enumerate(meta["path"])}
-    recs = [json.loads(line) for line in per_query.read_text(encoding="utf-8").splitlines()]
-    recs = [r for r in recs if "rewrites" in r]
+    row, corpus = _index_vectors(index_dir)
+    recs = _records(per_query)
     texts = [r["rewrites"][spec][0] for r in recs]
     targets = [[row[t] for t in r["targets"] if t in row] for r in recs]
-    corpus = torch.from_numpy(matrix)
     q = clip.encode_texts(texts)
     ref = corpus[torch.randperm(len(corpus), generator=torch.Generator().manual_seed(0))[:256]]
     out = inflation(score_targets(q, corpus, targets), q, ref)

@@ -424,12 +424,10 @@ def hedges(text: str) -> bool:
     text = text.lower()
     for attr, values in _VALUES.items():
         named = {v for v in values for w in [v, *_OWN_WORDS[v]] if _find(text, w)}
-        if attr == "color":  # object and background colours are two attributes
-            bg = colour_reads(text)["background"]
-            named -= {bg[0]} if bg else set()
-            if len(named) > 1:
-                return True
-        elif len(named) > 1:
+        # Object and background colours are two attributes: the background's is not a hedge.
+        if attr == "color" and (bg := colour_reads(text)["background"]):
+            named.discard(bg[0])
+        if len(named) > 1:
             return True
     return False
 

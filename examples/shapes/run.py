@@ -109,8 +109,7 @@ def grape_parallel(jobs: dict[str, list], logs: Path) -> dict[str, dict]:
                 env=env,
             )
         log(f"  ({name}: progress in {logs / f'{name}.log'})")
-    out = {name: json.loads(_result(p, p.communicate()[0], name)) for name, p in procs.items()}
-    return out
+    return {name: json.loads(_result(p, p.communicate()[0], name)) for name, p in procs.items()}
 
 
 class Timer:

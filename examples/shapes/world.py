@@ -425,6 +425,7 @@ def query_long(
     """
     clauses = _long_clauses(scene, rng, phrasing)
     pool = FILLER[phrasing] if fillers else []
+    # Without fillers, one empty head keeps every structure's h[0] valid; strip() below.
     head = rng.sample(pool, rng.randint(2, 3)) if pool else [""]
     tail = rng.sample([f for f in pool if f not in head], rng.randint(0, 1)) if pool else []
     return rng.choice(LONG_STRUCTURES[phrasing])(clauses, head, tail).strip()
