@@ -37,6 +37,9 @@ ROLE_LABELS = {
     "base": "the base model, before training",
     "tuned": "this rewriter",
 }
+# The composed query of a vision-language card's usage: one a user's own pairs are unlikely
+# to hold word for word (the privacy scan refuses a card that quotes a pairs query).
+COMPOSED_EXAMPLE = "like this one, but red and at night"
 # Settings that say how the run was operated, or that the card already shows.
 _NOT_TRAINING = {"reward"}
 
@@ -62,12 +65,16 @@ def render_model_card(public: dict, repo_id: str, revision: str | None = None) -
         metrics_table=_metrics_table(public.get("metrics") or {}),
         training=_training_lines(public),
         examples=[
-            {"query": _cell(e["query"]), "rewrite": _cell(e["rewrite"])}
+            {"query": _example_query(e), "rewrite": _cell(e["rewrite"])}
             for e in public.get("examples") or []
         ],
         index_model=f"path/to/{retriever}" if public.get("retriever_local") else retriever,
         spec=spec,
-        snippet=_transformers_snippet(public, repo_id, revision),
+        vision=bool(public.get("vision")),
+        composed_query=COMPOSED_EXAMPLE,
+        snippet=(_vision_snippet if public.get("vision") else _transformers_snippet)(
+            public, repo_id, revision
+        ),
         limitations=_limitations(public),
         citation=CITATION,
     )
@@ -97,7 +104,7 @@ def _card_data(g: dict, repo_id: str):
     return ModelCardData(
         base_model=None if local_base else g["base_model"].partition("@")[0],
         library_name="peft" if g.get("adapter") else "transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag="image-text-to-text" if g.get("vision") else "text-generation",
         license=g.get("license"),
         tags=[*HUB_TAGS, *(["lora", "peft"] if g.get("adapter") else [])],
         model_name=repo_id.split("/")[-1] if results else None,
@@ -221,6 +228,73 @@ def _transformers_snippet(g: dict, repo_id: str, revision: str | None) -> str:
             'print(rewrite.strip().split("\\n")[0])  # the query to give the CLIP retriever',
         ]
     )
+
+
+def _vision_snippet(g: dict, repo_id: str, revision: str | None) -> str:
+    """transformers code for a composed query: the reference image and the edit text in the
+    processor's chat format, an image part before the text, prompted exactly as grape does."""
+    prompt = g.get("prompt") or {}
+    max_new = (g.get("generation") or {}).get("max_new_tokens")
+    rev = f', revision="{revision}"' if revision and revision != "main" else ""
+    model_class = "AutoModelForImageTextToText"
+    if g.get("adapter"):  # peft has no Auto class for image-text-to-text: base, then adapter
+        base, _, base_rev = g["base_model"].partition("@")
+        base_kw = f', revision="{base_rev}"' if base_rev else ""
+        load = [
+            "from peft import PeftModel",
+            "from PIL import Image",
+            f"from transformers import AutoProcessor, {model_class}",
+            "",
+            f'repo = "{repo_id}"',
+            f"processor = AutoProcessor.from_pretrained(repo{rev})",
+            f"base = {model_class}.from_pretrained({json.dumps(base)}{base_kw})",
+            f"model = PeftModel.from_pretrained(base, repo{rev})",
+        ]
+    else:
+        load = [
+            "from PIL import Image",
+            f"from transformers import AutoProcessor, {model_class}",
+            "",
+            f'repo = "{repo_id}"',
+            f"processor = AutoProcessor.from_pretrained(repo{rev})",
+            f"model = {model_class}.from_pretrained(repo{rev})",
+        ]
+    messages = []
+    if prompt.get("system"):
+        system = json.dumps(prompt["system"], ensure_ascii=False)
+        messages.append(
+            f'    {{"role": "system", "content": [{{"type": "text", "text": {system}}}]}},'
+        )
+    user = json.dumps(prompt.get("user", "{query}"), ensure_ascii=False)
+    messages += [
+        '    {"role": "user", "content": [',
+        '        {"type": "image"},  # the reference image goes where this part is',
+        f'        {{"type": "text", "text": {user}.replace("{{query}}", query)}},',
+        "    ]},",
+    ]
+    return "\n".join(
+        [
+            *load,
+            "",
+            'image = Image.open("ref.jpg").convert("RGB")  # the reference image',
+            f"query = {json.dumps(COMPOSED_EXAMPLE)}  # the edit, in any language",
+            "messages = [",
+            *messages,
+            "]",
+            "text = processor.apply_chat_template(messages, add_generation_prompt=True)",
+            'inputs = processor(text=[text], images=[image], return_tensors="pt")',
+            f"out = model.generate(**inputs, max_new_tokens={max_new}, do_sample=False)",
+            'rewrite = processor.decode(out[0, inputs["input_ids"].shape[1]:], '
+            "skip_special_tokens=True)",
+            'print(rewrite.strip().split("\\n")[0])  # the query to give the CLIP retriever',
+        ]
+    )
+
+
+def _example_query(e: dict) -> str:
+    """A table cell: the query, after the reference image's bare name when composed."""
+    image = f"`{_cell(e['image'])}` + " if e.get("image") else ""
+    return image + _cell(e["query"])
 
 
 def _cell(text: str) -> str:

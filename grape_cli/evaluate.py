@@ -5,6 +5,12 @@ a truncated top-k list), computed by `grape_cli.ranking` like every rank grape r
 (ties count against the target; with several correct images the best-ranked one
 counts). The plain query (`none`) is always evaluated first, as the baseline that the
 other rewriters are compared with.
+
+Composed pairs (a reference image plus an edit) get two more baselines first, the ones a
+user has without grape: the reference image alone (`image-only`) and the edit text alone
+(`text-only`); `none` is then their blend (the text's embedding plus the image's). Only a
+rewriter that reads images (a vision-language model) is evaluated on them: a text-only
+rewriter would never see what the edit applies to.
 """
 
 from __future__ import annotations
@@ -32,6 +38,27 @@ if TYPE_CHECKING:
     from grape_cli.rewrite import Rewriter
 
 BASELINE = "none"
+IMAGE_ONLY, TEXT_ONLY = "image-only", "text-only"
+
+
+class _TextOnly:
+    """A composed query's text as it is, its reference image left out."""
+
+    name = TEXT_ONLY
+    sees_images = True  # so the image is not blended in: the text is searched alone
+
+    def rewrite(self, queries, n: int = 1, temperature=None) -> list[list[str]]:
+        return [[q.text] for q in queries]
+
+
+class _ImageOnly:
+    """A composed query's reference image alone: no text to embed."""
+
+    name = IMAGE_ONLY
+    sees_images = False
+
+    def rewrite(self, queries, n: int = 1, temperature=None) -> list[list[str]]:
+        return [[] for _ in queries]
 
 
 # --------------------------------------------------------------------------- report
@@ -116,7 +143,7 @@ def evaluate_rewriter(
 
     from grape_cli.query import embed_rewrites
 
-    groups = embed_rewrites(clip, queries, texts)
+    groups = embed_rewrites(clip, queries, texts, getattr(rewriter, "sees_images", False))
     if all(len(g) == 1 for g in groups):
         ranks = target_ranks(np.concatenate(groups), corpus, targets)
     else:
@@ -162,17 +189,20 @@ def evaluate(
     clip = load_clip(store.model, device)
     queries = [p.query for p, _ in matched]
     targets = [rows for _, rows in matched]
+    if any(q.composed for q in queries):
+        specs = [IMAGE_ONLY, TEXT_ONLY, *check_reads_images(specs, pairs_path, bool(rewriters))]
     outputs: dict[str, tuple[list[list[str]], np.ndarray]] = {}
     # The idle cores only: a thread sharing a busy core slows all of them (see search.py).
     with cpu_threads():
         for spec in specs:
-            rewriter = load_rewriter(
+            rewriter = {IMAGE_ONLY: _ImageOnly, TEXT_ONLY: _TextOnly}.get(spec)
+            rewriter = rewriter() if rewriter else load_rewriter(
                 spec,
                 device=device,
                 prompt=prompt,
                 trust_remote_code=trust_remote_code,
                 retriever=store.model,
-            )
+            )  # fmt: skip
             if seed is not None:
                 import torch
 
@@ -191,6 +221,31 @@ def evaluate(
         write_per_query(report.per_query, pairs_file.pairs, matched, specs, outputs)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def check_reads_images(specs: Sequence[str], pairs_path, explicit: bool = True) -> list[str]:
+    """The specs, having refused before any model loads a text-only rewriter for composed
+    pairs. The index's default rewriter (`explicit` False) is left out with a warning."""
+    import logging
+
+    from grape_cli.errors import UsageError
+    from grape_cli.rewrite import is_none, reads_images
+
+    blind = [s for s in specs if not is_none(s) and not reads_images(s)]
+    if blind and not explicit:
+        logging.getLogger("grape").warning(
+            "the index's default rewriter reads text only; composed pairs are evaluated "
+            "with the baselines alone (give a vision-language --rewriter to compare one)"
+        )
+        return [s for s in specs if s not in blind]
+    if blind:
+        raise UsageError(
+            f"{pairs_path} has composed queries (a reference image plus text), and rewriter "
+            f"{blind[0]} reads text only",
+            "give a vision-language rewriter (e.g. --rewriter Qwen/Qwen2.5-VL-3B-Instruct), "
+            "or --rewriter none for the image, text and blended baselines",
+        )
+    return list(specs)
 
 
 def _specs(store: Store, rewriters: Sequence[str]) -> list[str]:

@@ -2,7 +2,8 @@
 
 What is published is decided by allow-lists: the model files below, and
 `RunInfo.public()` for `grape.json` and the model card (`grape_cli.card`). Nothing from
-the user's corpus leaves the machine unless asked (`--include-examples`), and
+the user's corpus leaves the machine unless asked (`--include-examples`; even then a
+composed query's reference image is only named, never uploaded), and
 `grape_cli.privacy` scans everything about to be uploaded as a second line of defence.
 
 Loading works the other way round through `grape_cli.models.resolve_lm_folder`: a pushed
@@ -40,6 +41,13 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
     "chat_template.json",
+)
+# What a transformers processor saves beside its tokenizer files (a vision-language
+# rewriter's image and video preprocessing); chat templates are in TOKENIZER_FILES.
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
 )
 MERGED_WEIGHTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_config.json")
@@ -104,6 +112,16 @@ def read_run(run_dir: str | Path) -> RunInfo:
             f"{run} has no tokenizer (tokenizer.json or tokenizer_config.json)",
             "save the tokenizer into the run folder with save_pretrained",
         )
+    if (
+        info.vision
+        and not info.adapter
+        and not any((run / f).is_file() for f in PROCESSOR_FILES[:2])
+    ):
+        raise InputError(
+            f"{run} is a vision-language rewriter without its processor "
+            f"({' or '.join(PROCESSOR_FILES[:2])}): AutoProcessor could not load it",
+            "save the processor into the run folder with processor.save_pretrained",
+        )
     return info
 
 
@@ -116,6 +134,7 @@ def _upload_sources(run: Path, info: RunInfo) -> list[Path]:
         *(ADAPTER_WEIGHTS if info.adapter else MERGED_WEIGHTS),
         *CONFIG_FILES,
         *TOKENIZER_FILES,
+        *(PROCESSOR_FILES if info.vision else ()),
         *EXTRA_FILES,
     ]
     return sorted({p for pattern in patterns for p in _matches(run, pattern)})
@@ -167,8 +186,10 @@ def collect_examples(
         )
     queries = list(dict.fromkeys(p.query for p in load_pairs(source)))[:n]
     rewrites = load_rewriter(str(run)).rewrite(queries)
+    # A composed query's reference image is named, never sent: `RunInfo.public()` keeps
+    # only its bare file name.
     return [
-        {"query": q.text, "rewrite": r[0] if r else ""}
+        {"query": q.text, "rewrite": r[0] if r else "", **({"image": q.image} if q.image else {})}
         for q, r in zip(queries, rewrites, strict=True)
     ]
 

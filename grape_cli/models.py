@@ -1,7 +1,8 @@
 """The one seam for model loading and the network.
 
 Every model grape uses comes through here: the CLIP retriever (`load_clip`), the causal
-LM rewriters (`load_causal_lm`) and any Hub snapshot (`hub_snapshot`). Tests pass local
+LM rewriters (`load_causal_lm`), the vision-language rewriters (`load_vlm`) and any Hub
+snapshot (`hub_snapshot`). Tests pass local
 folders built by `grape_cli.tiny`, which go through exactly the same functions as a Hub
 download; nothing else in the package imports open_clip's factory or calls the Hub.
 
@@ -385,6 +386,15 @@ def load_causal_lm(
     """(model, tokenizer) for a Hub id or local folder; safetensors weights only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    return _load_pretrained(
+        spec, AutoModelForCausalLM, AutoTokenizer, device, dtype, trust_remote_code,
+        "check that it is a causal LM",
+    )  # fmt: skip
+
+
+def _load_pretrained(spec, model_class, processor_class, device, dtype, trust_remote_code, hint):
+    """(model, tokenizer or processor) through the Auto classes given, in eval mode, with
+    left padding (decoder-only batched generation pads on the left)."""
     folder = resolve_lm_folder(spec)
     if not any(folder.glob("*.safetensors")):
         raise ModelError(
@@ -393,20 +403,59 @@ def load_causal_lm(
         )
     device = pick_device(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        processor = processor_class.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = model_class.from_pretrained(
             folder, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=trust_remote_code
         ).to(device)
     except Exception as e:
         msg = f"could not load rewriter {spec}: {type(e).__name__}: {e}".splitlines()[0]
-        hint = (
-            "this model needs custom code: add --trust-remote-code if you trust it"
-            if "trust_remote_code" in str(e)
-            else "check that it is a causal LM"
-        )
+        if "trust_remote_code" in str(e):
+            hint = "this model needs custom code: add --trust-remote-code if you trust it"
         raise ModelError(msg, hint) from e
+    # A VLM's processor carries its tokenizer; a causal LM's "processor" is the tokenizer.
+    tokenizer = processor.tokenizer if hasattr(processor, "image_processor") else processor
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
+    tokenizer.padding_side = "left"
     model.eval()
-    return model, tokenizer
+    return model, processor
+
+
+# --------------------------------------------------------------------------- vision-language models
+
+
+def is_vlm_folder(folder: str | Path) -> bool:
+    """Whether a model folder holds a vision-language model (one that reads images as well
+    as text): its config names an architecture transformers loads with
+    `AutoModelForImageTextToText`, or has a vision tower. Reads one JSON file."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    if "vision_config" in config:
+        return True
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def load_vlm(
+    spec: str, device: str | None = None, dtype: Any = None, trust_remote_code: bool = False
+):
+    """(model, processor) of a vision-language model, by Hub id or folder; safetensors
+    weights only. The processor carries the tokenizer (`processor.tokenizer`)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model, processor = _load_pretrained(
+        spec, AutoModelForImageTextToText, AutoProcessor, device, dtype, trust_remote_code,
+        "check that it is a vision-language model that AutoModelForImageTextToText loads, "
+        "with its processor files",
+    )  # fmt: skip
+    if not hasattr(processor, "image_processor"):
+        raise ModelError(
+            f"{spec} has no image processor (its processor is {type(processor).__name__})",
+            "save the model's processor with processor.save_pretrained",
+        )
+    return model, processor

@@ -10,9 +10,10 @@ Two formats, chosen by the file's suffix (or, without one, by its first characte
   separated by `|`, for several correct images), and optionally `image`.
 
 Relative paths are relative to the pairs file, so a folder of photos and its pairs file
-can move together. Nothing is dropped silently: a malformed line fails with its line
-number, a pair repeated on several lines is counted once and its repeats are reported,
-and targets missing from the index are returned for the caller to list.
+can move together. Nothing is dropped silently: a malformed line, or a reference image
+that is missing or not a readable image, fails with its line number, a pair repeated on
+several lines is counted once and its repeats are reported, and targets missing from the
+index are returned for the caller to list.
 """
 
 from __future__ import annotations
@@ -144,11 +145,33 @@ def _make_pair(query, targets, base: Path, where: str, line: int, image=None, ke
     if image is not None and (not isinstance(image, str) or not image.strip()):
         raise InputError(f"{where}: 'image' must be the path of a reference image")
     ref = _resolve(base, image) if image else None
-    if ref is not None and not os.path.isfile(ref):
-        why = "no such file" if not os.path.exists(ref) else "not a regular file"
-        raise InputError(f"{where}: reference image {ref}: {why}", "check the 'image' path")
+    if ref is not None:
+        _check_image(ref, where)
     resolved = tuple(_resolve(base, t) for t in targets)
     return Pair(query=Query(query, image=ref), targets=resolved, line=line)
+
+
+def _check_image(ref: str, where: str) -> None:
+    """A reference image that is missing or unreadable fails here, with its line, rather
+    than deep inside a search or a training step. Only the header is read (no decode)."""
+    if not os.path.isfile(ref):  # a FIFO or device would block Image.open
+        if not os.path.exists(ref):
+            why = "no such file"
+        else:
+            why = "a folder, not an image" if os.path.isdir(ref) else "not a regular file"
+        raise InputError(f"{where}: reference image {ref}: {why}", "check the 'image' path")
+    from PIL import Image
+
+    from grape_cli.embed import describe_error
+
+    try:
+        with Image.open(ref):
+            pass
+    except Exception as e:  # any failure, a decompression bomb included, is one line
+        raise InputError(
+            f"{where}: reference image {ref} is not a readable image: {describe_error(e)}",
+            "check the 'image' path, or re-save the image as JPEG or PNG",
+        ) from None
 
 
 def _read_jsonl(text: str, path: Path, base: Path) -> list[Pair]:

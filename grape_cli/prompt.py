@@ -19,6 +19,13 @@ DEFAULT_SYSTEM = (
     "wanted image shows. No explanation, no quotes, one line."
 )
 DEFAULT_USER = "Query: {query}"
+# A vision-language rewriter also reads a composed query's reference image.
+VISION_SYSTEM = (
+    "You rewrite image search queries for a CLIP image retriever. A query may come with a "
+    "reference image: then it asks for an image like the reference, changed as the query "
+    "says. Reply with one short English caption, in the style of an image's alt text, that "
+    "describes the wanted image. No explanation, no quotes, one line."
+)
 # Longest rewrite in tokens: a caption fits, a runaway generation is cut.
 DEFAULT_MAX_NEW_TOKENS = 48
 
@@ -41,8 +48,26 @@ class PromptTemplate:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         return [*msgs, {"role": "user", "content": self.user.replace("{query}", query)}]
 
+    def vision_messages(self, query: str, image: bool) -> list[dict]:
+        """`messages` in a vision-language processor's structured form, with an image
+        placeholder before the user's text when there is a reference image: exactly what
+        TRL's GRPOTrainer builds from `messages` and an `image` column, so a rewriter sees
+        at search time the prompt it was trained on."""
+        out = []
+        for m in self.messages(query):
+            parts = [{"type": "text", "text": m["content"]}]
+            if image and m["role"] == "user":
+                parts.insert(0, {"type": "image"})
+            out.append({"role": m["role"], "content": parts})
+        return out
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def default(cls, vision: bool = False) -> PromptTemplate:
+        """The default prompt of a text rewriter, or of a vision-language one."""
+        return cls(system=VISION_SYSTEM) if vision else cls()
 
     @classmethod
     def from_dict(cls, d: dict | None) -> PromptTemplate:

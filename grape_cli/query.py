@@ -1,10 +1,11 @@
 """A query is a value: its text, an optional reference image, and the weight of that image.
 
 The same `Query` flows through pairs files, `grape search`, `grape eval`, the reward and
-`grape train`, and `query_vectors` is the one place where a query becomes the vector the
-index is searched with: the (rewritten) text's embedding, plus the reference image's
-embedding times `image_weight` when there is one, renormalised. An image alone is
-searched by its own embedding.
+`grape train`, and `blend` is the one place where a query becomes the vector the index is
+searched with: the (rewritten) text's embedding, plus the reference image's embedding
+times `image_weight` when there is one, renormalised. An image alone is searched by its
+own embedding. A vision-language rewriter has read the reference image, so its caption
+already describes the wanted image and is searched alone (`sees_images`).
 """
 
 from __future__ import annotations
@@ -86,23 +87,15 @@ def blend(text_vecs: np.ndarray | None, image_vec: np.ndarray | None, weight: fl
     return (out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
-def query_vectors(
-    clip, query: Query, texts: Sequence[str], image_vec: np.ndarray | None = None
-) -> np.ndarray:
-    """The search vectors of `query` whose text became `texts` (one per rewrite).
-
-    `image_vec` is the reference image's embedding when the caller has it already;
-    otherwise it is computed here from `query.image`.
-    """
-    vecs = clip.encode_texts(list(texts)).numpy() if texts else None
-    if query.image is not None and image_vec is None:
-        image_vec = encode_image_file(clip, query.image)
-    return blend(vecs, image_vec, query.image_weight)
-
-
-def embed_rewrites(clip, queries: Sequence[Query], texts: Sequence[Sequence[str]]) -> list:
+def embed_rewrites(
+    clip, queries: Sequence[Query], texts: Sequence[Sequence[str]], sees_images: bool = False
+) -> list:
     """`query_vectors` for many queries at once: every text encoded in one batch, each
-    reference image once. Returns one (n_i, d) array per query."""
+    reference image once. Returns one (n_i, d) array per query.
+
+    `sees_images`: the texts come from a rewriter that read the reference images (a
+    vision-language model), so each already describes the wanted image and is searched
+    alone; otherwise the reference image's embedding is blended in."""
     from itertools import pairwise
 
     import numpy as np
@@ -114,7 +107,7 @@ def embed_rewrites(clip, queries: Sequence[Query], texts: Sequence[Sequence[str]
     out = []
     for q, (a, b) in zip(map(as_query, queries), pairwise(bounds), strict=True):
         image_vec = None
-        if q.image is not None:
+        if q.image is not None and not (sees_images and b > a):
             if q.image not in images:
                 images[q.image] = encode_image_file(clip, q.image)
             image_vec = images[q.image]
@@ -140,17 +133,25 @@ def check_image_path(path, what: str = "image") -> None:
         )
 
 
-def encode_image_file(clip, path: str):
-    """The embedding (1, d) of an image file; an InputError naming the file if unreadable."""
+def read_image(path: str, draft_size: int | None = None, max_side: int | None = None):
+    """The RGB image of a file, no side longer than `max_side`; an InputError naming the
+    file if it is not a readable image."""
     from grape_cli.embed import decode_image, describe_error
     from grape_cli.errors import InputError
 
     check_image_path(path)
     try:
-        img, _ = decode_image(str(path), draft_size=clip.image_size)
+        img, _ = decode_image(str(path), draft_size=draft_size or max_side)
     except Exception as e:
         raise InputError(
             f"cannot read image {path}: {describe_error(e)}", "pass a JPEG, PNG or WebP"
         ) from None
-    pixels = clip.preprocess(img).unsqueeze(0)
+    if max_side and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side))
+    return img
+
+
+def encode_image_file(clip, path: str):
+    """The embedding (1, d) of an image file; an InputError naming the file if unreadable."""
+    pixels = clip.preprocess(read_image(path, draft_size=clip.image_size)).unsqueeze(0)
     return clip.encode_images(pixels).numpy()

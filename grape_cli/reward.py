@@ -216,6 +216,21 @@ def format_penalty(completion: str, ended: bool, max_words: int = 32) -> float:
 # ----------------------------------------------------------------------------- TRL adapters
 
 
+def completion_text(completion) -> str:
+    """The text of a TRL completion: a string for text prompts, a list of messages for
+    conversational ones (vision-language training).
+
+    >>> completion_text([{"role": "assistant", "content": "a red cube"}])
+    'a red cube'
+    """
+    if isinstance(completion, str):
+        return completion
+    content = completion[-1]["content"] if completion else ""
+    if isinstance(content, list):  # structured parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content or ""
+
+
 def _ended(ids: Sequence[int], eos_ids: frozenset[int]) -> bool:
     return bool(ids) and int(ids[-1]) in eos_ids
 
@@ -277,14 +292,12 @@ class RetrievalReward:
         completion_ids,
         targets,
         log_metric=None,
-        image_vec=None,
-        image_weight=None,
         **_,
     ):
         import torch
 
         started = time.perf_counter()
-        texts = [clean_rewrite(c) for c in completions]
+        texts = [clean_rewrite(completion_text(c)) for c in completions]
         ok = torch.tensor(
             [
                 bool(t) and _ended(ids, self.eos_ids)
@@ -293,8 +306,6 @@ class RetrievalReward:
             device=self.corpus.device,
         )
         queries = self.embed(texts)
-        if image_vec is not None:  # composed queries: the reference image joins the rewrite
-            queries = self._blend(queries, image_vec, image_weight)
         scores = score_targets(
             queries,
             self.corpus,
@@ -316,16 +327,6 @@ class RetrievalReward:
         self.seconds += time.perf_counter() - started
         return values.tolist()
 
-    def _blend(self, queries, image_vecs, weights):
-        import torch
-
-        out = queries.clone()
-        for i, (vec, w) in enumerate(zip(image_vecs, weights, strict=True)):
-            if vec:
-                img = torch.as_tensor(vec, dtype=queries.dtype, device=queries.device)
-                out[i] = torch.nn.functional.normalize(queries[i] + w * img, dim=0)
-        return out
-
 
 class FormatReward:
     """TRL reward function: `format_penalty` of each completion (add with FORMAT_WEIGHT).
@@ -342,6 +343,6 @@ class FormatReward:
 
     def __call__(self, prompts, completions, completion_ids, **_):
         return [
-            format_penalty(c, _ended(ids, self.eos_ids), self.max_words)
+            format_penalty(completion_text(c), _ended(ids, self.eos_ids), self.max_words)
             for c, ids in zip(completions, completion_ids, strict=True)
         ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +81,9 @@ class RunInfo:
     reward: str
     prompt: PromptTemplate = field(default_factory=PromptTemplate)
     adapter: bool = False  # a LoRA adapter on base_model rather than full weights
+    # A vision-language rewriter: it sees a composed query's reference image and is loaded
+    # with AutoProcessor + AutoModelForImageTextToText. Files from before it read as False.
+    vision: bool = False
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     base_model_local: bool = False  # base_model is a local folder's name, not on the Hub
     retriever_local: bool = False
@@ -176,6 +180,7 @@ class RunInfo:
                 reward=str(data.get("reward") or ""),
                 prompt=PromptTemplate.from_dict(data.get("prompt")),
                 adapter=bool(data.get("adapter")),
+                vision=bool(data.get("vision")),
                 max_new_tokens=int(gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
                 base_model_local=bool(data.get("base_model_local")),
                 retriever_local=bool(data.get("retriever_local")),
@@ -231,10 +236,19 @@ class RunInfo:
         if not self.examples:
             out.pop("examples")
         else:
-            out["examples"] = [
-                {"query": e["query"], "rewrite": e["rewrite"]} for e in self.examples
-            ]
+            out["examples"] = [_public_example(e) for e in self.examples]
         return out
+
+
+def _public_example(e: dict) -> dict:
+    """An example's query and rewrite, and of a composed query's reference image at most its
+    bare file name: never its bytes, never the folder it sits in."""
+    out = {"query": e["query"], "rewrite": e["rewrite"]}
+    image = e.get("image")
+    name = re.split(r"[\\/]", image.strip())[-1] if isinstance(image, str) else ""
+    if name:  # split on POSIX and Windows separators alike
+        out["image"] = name
+    return out
 
 
 def _plain(value: Any) -> bool:

@@ -249,6 +249,11 @@ class Searcher:
                     if self._ann is None:
                         self._load_exact()
 
+    @property
+    def sees_images(self) -> bool:
+        """Whether the rewriter reads a composed query's reference image (a VLM)."""
+        return getattr(self.rewriter, "sees_images", False)
+
     def _load_exact(self) -> None:
         meta, matrix = self.store.load_matrix(("path", "width", "height"))
         self._paths = meta["path"]
@@ -311,7 +316,9 @@ class Searcher:
                 texts = self.rewriter.rewrite([query], n=rewrites, temperature=temperature)[0]
         with timer.stage("encode"):
             vectors = self.encode_texts(texts) if texts else None
-            image_vec = self.encode_image(query.image) if query.image is not None else None
+            # A vision-language rewriter's caption describes the wanted image on its own.
+            blended = query.image is not None and not (texts and self.sees_images)
+            image_vec = self.encode_image(query.image) if blended else None
             vectors = blend(vectors, image_vec, query.image_weight)
         return texts, vectors
 
@@ -359,7 +366,11 @@ class Searcher:
             index=str(self.store.root),
             model=self.store.model,
             image=query.image,
-            image_weight=query.image_weight if (query.image is not None and texts) else None,
+            image_weight=(
+                query.image_weight
+                if (query.image is not None and texts and not self.sees_images)
+                else None
+            ),
             score_kind=kind,
             rewriter_default=self.rewriter_default,
             backend=self.backend,

@@ -198,3 +198,153 @@ def teach_lm(base, out, examples: dict[str, str], prompt, steps: int = 60, lr: f
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# ------------------------------------------------------------------ vision-language model
+
+# Qwen2-VL's special tokens: the image placeholder the processor expands into one token
+# per merged patch, and the markers around it.
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL's chat template, trimmed to what grape sends: string or [image, text] content.
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The text part as in LM_PRESETS; the vision tower is a few-patch ViT. mrope sections
+# split half of the head dimension (hidden / heads / 2) over time, height and width.
+VLM_PRESETS: dict[str, dict] = {
+    "test": {
+        "text": {
+            **LM_PRESETS["test"],
+            "rope_scaling": {"type": "default", "mrope_section": [2, 1, 1]},
+        },
+        "vision": {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2},
+        "patch_size": 8,
+        "max_pixels": 64 * 64,
+    },
+    "small": {
+        "text": {
+            **LM_PRESETS["small"],
+            "rope_scaling": {"type": "default", "mrope_section": [8, 4, 4]},
+        },
+        "vision": {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2},
+        "patch_size": 8,
+        "max_pixels": 64 * 64,
+    },
+}
+
+
+def build_tiny_processor(
+    texts: list[str], vocab_size: int = 2000, patch_size: int = 8, max_pixels=4096
+):
+    """A Qwen2-VL processor built here: a trained BPE tokenizer with the vision tokens,
+    an image processor whose patches suit 32-64 px images, and the chat template."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    sizes = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2}
+    image_processor = Qwen2VLImageProcessor(
+        **sizes,
+        min_pixels=(2 * patch_size) ** 2,
+        max_pixels=max_pixels,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    return Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**sizes),
+        chat_template=VLM_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_vlm(
+    folder: str | Path,
+    texts: list[str],
+    preset: str | dict = "test",
+    vocab_size: int = 2000,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight Qwen2-VL and its locally built processor (the layout of a Hub
+    download: config, safetensors weights, processor and tokenizer files)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    arch = dict(VLM_PRESETS[preset]) if isinstance(preset, str) else dict(preset)
+    processor = build_tiny_processor(texts, vocab_size, arch["patch_size"], arch["max_pixels"])
+    tok = processor.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    vision = {**arch["vision"], "hidden_size": arch["text"]["hidden_size"]}
+    config = Qwen2VLConfig(
+        text_config={
+            **arch["text"],
+            "vocab_size": len(tok),
+            "max_position_embeddings": 512,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": None,
+        },
+        vision_config={
+            **vision,
+            "patch_size": arch["patch_size"],
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def teach_vlm(base, out, examples: list[tuple], prompt, steps: int = 60, lr: float = 1e-2):
+    """`teach_lm` for a vision-language model: fine-tune it until it answers each
+    (Query, caption) of `examples` (reference image and all) with the caption and then
+    stops; save it with its processor to `out`."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from grape_cli.query import read_image
+
+    processor = AutoProcessor.from_pretrained(base)
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    tok = processor.tokenizer
+    batches = []
+    for query, answer in examples:
+        text = processor.apply_chat_template(
+            prompt.vision_messages(query.text, query.image is not None),
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        images = [read_image(query.image)] if query.image else None
+        n_prompt = len(processor(text=[text], images=images)["input_ids"][0])
+        enc = processor(text=[text + answer + tok.eos_token], images=images, return_tensors="pt")
+        labels = enc["input_ids"].clone()
+        labels[:, :n_prompt] = -100
+        batches.append({**enc, "labels": labels})
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        for batch in batches:  # one example at a time: image patches differ in number
+            (model(**batch).loss / len(batches)).backward()
+        opt.step()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

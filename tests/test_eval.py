@@ -112,7 +112,7 @@ def test_duplicate_pairs_are_counted_once_and_reported(tmp_path, caplog):
 
 
 def test_composed_pairs_carry_their_reference_image(tmp_path):
-    (tmp_path / "ref.png").write_bytes(b"png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "ref.png")  # checked: it must be an image
     p = write(tmp_path / "p.jsonl", '{"query": "but red", "image": "ref.png", "target": "t.jpg"}\n')
     (pair,) = load_pairs(p)
     assert pair.query == Query("but red", image=str(tmp_path / "ref.png"))

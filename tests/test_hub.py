@@ -18,6 +18,7 @@ import huggingface_hub.constants as hf_constants
 import pytest
 from huggingface_hub import ModelCard
 
+from grape_cli.card import COMPOSED_EXAMPLE
 from grape_cli.errors import HubError, InputError, UsageError
 from grape_cli.hub import build_upload_folder, push_rewriter
 from grape_cli.runfolder import RunInfo
@@ -439,3 +440,229 @@ def test_hub_id_loads_as_a_tuned_rewriter(tmp_path, trained_run, hub_cache):
     tuned = load_rewriter(f"{REPO}@v2")
     assert tuned.prompt == trained_run["prompt"]
     assert tuned.retriever == "tiny-clip"
+
+
+# --------------------------------------------------------------------------- vision-language
+
+VLM_BASE = "Qwen/Qwen2.5-VL-3B-Instruct"
+VLM_PROMPT = {"system": "Describe the wanted image in one caption.", "user": "Edit: {query}"}
+VLM_FILES = {
+    "README.md",
+    "grape.json",
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+}
+COMPOSED = ("the same dress in red", "this street at night")
+
+
+def make_vlm_run(tmp_path: Path, vision: bool = True, **changes) -> Path:
+    """A stand-in for a vision-language run folder: its grape.json says `vision`, small
+    files are named as a processor saves them, and beside them lie what must never leave:
+    the composed pairs, their reference images, a checkpoint."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    from grape_cli.prompt import PromptTemplate
+    from grape_cli.runfolder import LocalFacts
+
+    run = tmp_path / "runs" / "vlm"
+    (run / "checkpoint-8").mkdir(parents=True)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("ref.jpg", "street.png", "t1.jpg", "t2.jpg"):
+        Image.new("RGB", (8, 8), (200, 20, 20)).save(photos / name)
+    Image.new("RGB", (8, 8)).save(run / "ref.jpg")  # a stray image in the run folder
+    save_file({"w": np.zeros((2, 2), np.float32)}, str(run / "model.safetensors"))
+    (run / "checkpoint-8" / "model.safetensors").write_bytes(b"x")
+    local_base = str(tmp_path / "models" / "qwen-vl")
+    (run / "config.json").write_text(
+        json.dumps({"model_type": "qwen2_5_vl", "_name_or_path": local_base})
+    )
+    for name in VLM_FILES - {"README.md", "grape.json", "model.safetensors", "config.json"}:
+        (run / name).write_text("{}" if name.endswith(".json") else "{{ messages }}")
+    pairs = run / "heldout.jsonl"
+    pairs.write_text(
+        json.dumps({"query": COMPOSED[0], "image": str(photos / "ref.jpg"), "target": "t1.jpg"})
+        + "\n"
+        + json.dumps({"query": COMPOSED[1], "image": "../../photos/street.png", "target": "t2.jpg"})
+        + "\n"
+    )
+    info = RunInfo.for_models(
+        VLM_BASE,
+        "ViT-B-32:laion2b_s34b_b79k",
+        reward="rank-top",
+        vision=vision,
+        prompt=PromptTemplate(**VLM_PROMPT),
+        metrics={"tuned": {"recall@1": 0.25, "recall@10": 0.75, "mrr": 0.4, "n": 4}},
+        local=LocalFacts(pairs=str(pairs), out=str(run)),
+    )
+    for key, value in changes.items():
+        setattr(info, key, value)
+    info.write(run)
+    return run
+
+
+def assert_no_image_leaves(folder: Path, tmp_path: Path) -> None:
+    images = [p.read_bytes() for p in tmp_path.rglob("*") if p.suffix in (".jpg", ".png")]
+    for f in folder.rglob("*"):
+        assert f.suffix not in (".jpg", ".jpeg", ".png"), f"{f.name} was uploaded"
+        if f.is_file():
+            data = f.read_bytes()
+            assert str(tmp_path).encode() not in data, f"{f.name} leaks a local path"
+            assert not any(img in data for img in images), f"{f.name} holds image bytes"
+
+
+def test_vlm_dry_run_card_metadata_and_processor_files(tmp_path, hub_cache):
+    run = make_vlm_run(tmp_path)
+    out = tmp_path / "upload"
+    result = push_rewriter(run, REPO, dry_run=out)
+
+    assert {p for p, _ in result.files} == VLM_FILES  # no images, pairs or checkpoints
+    assert {f.name for f in out.iterdir()} == VLM_FILES
+    assert_no_image_leaves(out, tmp_path)
+    meta = json.loads((out / "grape.json").read_text())
+    assert meta == RunInfo.read(run).public() and meta["vision"] is True
+    assert "examples" not in meta
+    assert json.loads((out / "config.json").read_text())["_name_or_path"] == "qwen-vl"
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.library_name == "transformers" and card.data.base_model == VLM_BASE
+    text = card.text
+    assert f'grape search "{COMPOSED_EXAMPLE}" --image ref.jpg --rewriter {REPO}' in text
+    assert "reference image" in text and "AutoModelForCausalLM" not in text
+    code = text.split("```python\n")[1].split("```")[0]
+    assert "AutoProcessor.from_pretrained(repo)" in code
+    assert "AutoModelForImageTextToText.from_pretrained(repo)" in code
+    assert 'Image.open("ref.jpg")' in code and '{"type": "image"}' in code
+    assert json.dumps(VLM_PROMPT["system"]) in code and '"Edit: {query}"' in code
+
+
+def test_vlm_card_snippet_runs_with_the_processors_chat_format(tmp_path, hub_cache, monkeypatch):
+    """The snippet, run against stand-ins for transformers' Auto classes, hands the
+    processor the run's prompt as image and text parts, and the image beside them."""
+    import sys
+    import types
+
+    import torch
+    from PIL import Image
+
+    push_rewriter(make_vlm_run(tmp_path), REPO, dry_run=tmp_path / "up", revision="v2")
+    code = (tmp_path / "up" / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    seen = {}
+
+    class Processor:
+        @classmethod
+        def from_pretrained(cls, repo, revision=None):
+            seen["processor"] = (repo, revision)
+            return cls()
+
+        def apply_chat_template(self, messages, add_generation_prompt):
+            seen["messages"] = messages
+            return "templated"
+
+        def __call__(self, text, images, return_tensors):
+            seen["images"] = [im.size for im in images]
+            return {"input_ids": torch.zeros((1, 3), dtype=torch.long)}
+
+        def decode(self, ids, skip_special_tokens):
+            return " a red dress\nmore"
+
+    class Model:
+        @classmethod
+        def from_pretrained(cls, repo, revision=None):
+            seen["model"] = (repo, revision)
+            return cls()
+
+        def generate(self, input_ids, max_new_tokens, do_sample):
+            return torch.zeros((1, 5), dtype=torch.long)
+
+    fake = types.ModuleType("transformers")
+    fake.AutoProcessor, fake.AutoModelForImageTextToText = Processor, Model
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    Image.new("RGB", (12, 10)).save(tmp_path / "ref.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code.replace("print(", "printed = ("), "card-snippet", "exec"), scope)
+
+    assert scope["printed"] == "a red dress"
+    assert seen["processor"] == seen["model"] == (REPO, "v2") and seen["images"] == [(12, 10)]
+    assert seen["messages"] == [
+        {"role": "system", "content": [{"type": "text", "text": VLM_PROMPT["system"]}]},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": f"Edit: {COMPOSED_EXAMPLE}"}],
+        },
+    ]
+
+
+def test_vlm_adapter_snippet_loads_the_base_then_the_adapter(tmp_path, hub_cache):
+    run = make_vlm_run(tmp_path, adapter=True)
+    (run / "model.safetensors").rename(run / "adapter_model.safetensors")
+    (run / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    files = {p for p, _ in build_upload_folder(run, tmp_path / "up", REPO)}
+    assert {"adapter_model.safetensors", "processor_config.json"} <= files
+    card = ModelCard.load(tmp_path / "up" / "README.md")
+    assert card.data.pipeline_tag == "image-text-to-text" and card.data.library_name == "peft"
+    assert f'AutoModelForImageTextToText.from_pretrained("{VLM_BASE}")' in card.text
+    assert "PeftModel.from_pretrained(base, repo)" in card.text
+
+
+def test_vlm_run_without_its_processor_is_refused(tmp_path):
+    run = make_vlm_run(tmp_path)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (run / name).unlink()
+    with pytest.raises(InputError, match="vision-language rewriter without its processor"):
+        build_upload_folder(run, tmp_path / "up", REPO)
+
+
+def test_vlm_examples_name_the_reference_image_and_never_send_it(tmp_path, hub_cache, monkeypatch):
+    asked = []
+
+    class Rewriter:
+        def rewrite(self, queries):
+            asked.extend(queries)
+            return [[f"rewrite of {q.text}"] for q in queries]
+
+    monkeypatch.setattr("grape_cli.rewrite.load_rewriter", lambda spec: Rewriter())
+    run = make_vlm_run(tmp_path)
+    build_upload_folder(run, tmp_path / "up", REPO, include_examples=2)
+
+    assert [(q.text, Path(q.image).name) for q in asked] == [
+        (COMPOSED[0], "ref.jpg"),
+        (COMPOSED[1], "street.png"),
+    ]  # the rewriter saw the composed queries
+    meta = json.loads((tmp_path / "up" / "grape.json").read_text())
+    assert meta["examples"] == [
+        {"query": COMPOSED[0], "rewrite": f"rewrite of {COMPOSED[0]}", "image": "ref.jpg"},
+        {"query": COMPOSED[1], "rewrite": f"rewrite of {COMPOSED[1]}", "image": "street.png"},
+    ]
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert f"| `ref.jpg` + {COMPOSED[0]} | rewrite of {COMPOSED[0]} |" in card
+    assert_no_image_leaves(tmp_path / "up", tmp_path)
+
+
+def test_a_text_run_keeps_its_text_card(tmp_path, hub_cache):
+    """vision=False: no processor file goes even if one lies in the folder, and the card is
+    the text rewriter's (pipeline text-generation, AutoModelForCausalLM, no --image)."""
+    run = make_vlm_run(tmp_path, vision=False)
+    files = {p for p, _ in build_upload_folder(run, tmp_path / "up", REPO)}
+    assert files == VLM_FILES - {
+        "processor_config.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+    }
+    card = ModelCard.load(tmp_path / "up" / "README.md")
+    assert card.data.pipeline_tag == "text-generation"
+    assert "AutoModelForCausalLM.from_pretrained(repo)" in card.text
+    assert "--image" not in card.text and "AutoProcessor" not in card.text
+    assert "reference image" not in card.text
+    assert json.loads((tmp_path / "up" / "grape.json").read_text())["vision"] is False

@@ -225,7 +225,7 @@ def test_bad_rewriters_fail_with_one_clear_error(taught, tmp_path):
 
 
 def test_every_kind_is_registered_once_and_tried_in_order(taught, tmp_path):
-    assert [k.name for k in REWRITER_KINDS] == ["tuned", "causal-lm"]
+    assert [k.name for k in REWRITER_KINDS] == ["tuned", "vlm", "causal-lm"]
     assert isinstance(load_rewriter("none"), IdentityRewriter)
     run = tuned_folder(taught, tmp_path / "run")
     assert next(k.name for k in REWRITER_KINDS if k.matches(run)) == "tuned"

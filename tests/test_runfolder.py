@@ -59,3 +59,28 @@ def test_bad_descriptions_fail_with_one_line(tmp_path, text, words):
     with pytest.raises(ModelError, match=words):
         RunInfo.read(tmp_path)
     assert not (tmp_path / "grape.local.json").exists()
+
+
+def test_vision_flag_round_trips_and_old_files_read_as_text(tmp_path):
+    info = RunInfo.for_models("Qwen/Qwen2.5-VL-3B-Instruct", "ViT-B-32:openai", reward="rank")
+    assert info.vision is False
+    info.vision = True
+    info.examples = [
+        {"query": "but red", "rewrite": "a red dress", "image": "/home/ann/photos/ref.jpg"},
+        {"query": "same, at night", "rewrite": "a street at night", "image": "C:\\me\\st.png"},
+        {"query": "a cat", "rewrite": "a cat"},
+    ]
+    info.write(tmp_path)
+    assert json.loads((tmp_path / "grape.json").read_text())["vision"] is True
+    back = RunInfo.read(tmp_path)
+    assert back.vision is True
+    public = back.public()
+    assert public["vision"] is True
+    assert [e.get("image") for e in public["examples"]] == ["ref.jpg", "st.png", None]
+    assert "/home/ann" not in json.dumps(public) and "me\\\\" not in json.dumps(public)
+
+    data = json.loads((tmp_path / "grape.json").read_text())
+    del data["vision"]  # a grape.json written before the field existed
+    (tmp_path / "grape.json").write_text(json.dumps(data))
+    old = RunInfo.read(tmp_path)
+    assert old.vision is False and old.public()["vision"] is False

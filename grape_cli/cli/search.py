@@ -192,6 +192,8 @@ def _render_result(result) -> None:
             )
     if result.image:
         weight = f", weight {result.image_weight:g}" if result.image_weight is not None else ""
+        if result.image_weight is None and result.rewrites:  # a VLM wrote the caption from it
+            weight = " (read by the rewriter)"
         console.print(Text.assemble(("image", "bold"), ": ", plain(result.image), weight))
     table = Table(title_justify="left", caption_justify="left")
     if not result.exact:  # the hits of an ANN index may miss a better image

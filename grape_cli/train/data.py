@@ -105,44 +105,42 @@ def _n_eval(n: int, fraction: float) -> int:
 
 class Heldout:
     """Held-out queries scored the way `grape eval` scores them: greedy rewrites (the
-    query itself when a rewrite is empty), the retriever's text tower, the reference
-    image blended in, exact ranks from `grape_cli.ranking`."""
+    query itself when a rewrite is empty), the retriever's text tower, a text rewriter's
+    reference image blended in, exact ranks from `grape_cli.ranking`."""
 
     def __init__(self, examples: list[Example], rows, clip, corpus, template, max_new_tokens):
         self.queries = [e.query for e in examples]
         self.rows, self.clip, self.corpus = rows, clip, corpus
         self.template, self.max_new_tokens = template, max_new_tokens
 
-    def metrics_of(self, texts: list[str]) -> dict:
+    def metrics_of(self, texts: list[str], sees_images: bool = False) -> dict:
         import numpy as np
 
         from grape_cli.query import embed_rewrites
         from grape_cli.ranking import retrieval_metrics, target_ranks
 
-        vecs = np.concatenate(embed_rewrites(self.clip, self.queries, [[t] for t in texts]))
-        return retrieval_metrics(target_ranks(vecs, self.corpus, self.rows))
+        groups = embed_rewrites(self.clip, self.queries, [[t] for t in texts], sees_images)
+        return retrieval_metrics(target_ranks(np.concatenate(groups), self.corpus, self.rows))
 
     def as_is(self) -> dict:
         """The metrics of the queries as they are (the `none` rewriter)."""
         return self.metrics_of([q.text for q in self.queries])
 
-    def rewrites(self, model, tokenizer, batch_size: int = 32) -> list[str]:
-        from grape_cli.prompt import render_prompt
-        from grape_cli.rewrite import generate_rewrites
+    def rewrites(self, model, processing_class, batch_size: int = 32) -> list[str]:
+        from grape_cli.rewrite import rewriter_for
 
-        prompts = [render_prompt(tokenizer, self.template, q.text) for q in self.queries]
+        rewriter = rewriter_for(model, processing_class, self.template, self.max_new_tokens)
         was_training = model.training
         model.eval()
         try:
             out = []
-            for i in range(0, len(prompts), batch_size):
-                out += generate_rewrites(
-                    model, tokenizer, prompts[i : i + batch_size], 1, None, self.max_new_tokens
-                )
+            for i in range(0, len(self.queries), batch_size):
+                out += rewriter.generate(self.queries[i : i + batch_size])
         finally:
             if was_training:
                 model.train()
         return [g[0] or q.text for g, q in zip(out, self.queries, strict=True)]
 
-    def evaluate(self, model, tokenizer) -> dict:
-        return self.metrics_of(self.rewrites(model, tokenizer))
+    def evaluate(self, model, processing_class) -> dict:
+        texts = self.rewrites(model, processing_class)
+        return self.metrics_of(texts, hasattr(processing_class, "image_processor"))

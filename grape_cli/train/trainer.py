@@ -84,20 +84,23 @@ def _train(config: TrainConfig, progress: TrainProgress) -> TrainResult:
         if ignored:
             logger.warning("resuming keeps the run's settings; ignored: %s", ", ".join(ignored))
     prompt = PromptTemplate.from_dict(state["prompt"]) if state else config.prompt
-    prompt = prompt or PromptTemplate()
     corpus = _open_corpus(Path(state["index"]) if state else index_root, state)
     train_ex, held_ex = _examples(config, state, corpus.paths)
+    vision = _reads_images(config.base_model, train_ex + held_ex)
+    prompt = prompt or PromptTemplate.default(vision)
 
     import torch
 
-    from grape_cli.models import load_causal_lm, load_clip, pick_device
+    from grape_cli.models import load_causal_lm, load_clip, load_vlm, pick_device
 
     args = _grpo_args(
         config, run, min(config.queries_per_step, len(train_ex)), pick_device(config.device)
     )
-    model, tokenizer = load_causal_lm(
+    # A vision-language model comes with its processor, which carries the tokenizer.
+    model, processing = (load_vlm if vision else load_causal_lm)(
         config.base_model, "cpu", torch.float32, config.trust_remote_code
     )
+    tokenizer = processing.tokenizer if vision else processing
     lr = (
         config.learning_rate
         or (state or {}).get("learning_rate")
@@ -107,11 +110,11 @@ def _train(config: TrainConfig, progress: TrainProgress) -> TrainResult:
     clip = load_clip(corpus.store.model, str(args.device))
     reward_fn, reward_funcs = _rewards(config, args, clip, corpus, _eos_ids(model, tokenizer))
     limits = (config.max_completion_length, _context_limit(model, tokenizer))
-    dataset = _dataset(tokenizer, prompt, train_ex, corpus.rows(train_ex), clip, limits)
+    dataset = _dataset(processing, prompt, train_ex, corpus.rows(train_ex), limits)
     heldout = Heldout(
         held_ex, corpus.rows(held_ex), clip, corpus.matrix, prompt, config.max_completion_length
     )
-    trainer = _make_trainer(config, model, tokenizer, reward_funcs, args, dataset)
+    trainer = _make_trainer(config, model, processing, reward_funcs, args, dataset)
 
     # Every check that can fail has passed: only now does the run folder appear.
     if not state:
@@ -124,7 +127,7 @@ def _train(config: TrainConfig, progress: TrainProgress) -> TrainResult:
     trainer.add_callback(callback)
     _run_trainer(trainer, run, checkpoint)
     if trainer.accelerator.is_main_process:
-        _finish(config, run, state, corpus, callback.best, prompt)
+        _finish(config, run, state, corpus, callback.best, prompt, vision)
     result = _result(config, run, state, callback, lr, started)
     result.main_process = trainer.accelerator.is_main_process
     if trainer.accelerator.is_main_process and callback.best:
@@ -141,6 +144,31 @@ def launch_rank() -> tuple[int, int]:
     import os
 
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _reads_images(base_model: str, examples: list[Example]) -> bool:
+    """Whether the base model is a vision-language model; a text-only one given pairs
+    with reference images is refused here, before it loads."""
+    from grape_cli.models import is_vlm_folder, resolve_lm_folder
+
+    vision = is_vlm_folder(resolve_lm_folder(base_model))
+    composed = sum(1 for e in examples if e.query.image)
+    if 0 < composed < len(examples):
+        # TRL's GRPOTrainer (1.16) hands a batch that mixes rows with and without an image
+        # to the processor with a None image, which it refuses: fail here, not mid-run.
+        raise UsageError(
+            f"{composed} of {len(examples)} pairs have a reference image: grape trains on "
+            "pairs that all have one, or none",
+            "train on the composed pairs and the text pairs separately",
+        )
+    if composed and not vision:
+        raise UsageError(
+            f"{composed} pair(s) have a reference image, and base model {base_model} reads "
+            "text only",
+            "train a vision-language model (e.g. --base-model Qwen/Qwen2.5-VL-3B-Instruct), "
+            "or leave the 'image' field out of the pairs",
+        )
+    return vision
 
 
 def _open_corpus(index_root: Path, state: dict | None) -> _Corpus:
@@ -191,23 +219,39 @@ def _rewards(config: TrainConfig, args, clip, corpus: _Corpus, eos_ids: list[int
     return reward_fn, funcs
 
 
-def _dataset(tokenizer, prompt: PromptTemplate, examples: list[Example], rows, clip, limits):
-    """TRL's dataset: the rendered prompt, the target rows, and for composed queries the
-    reference image's embedding (blended into each rewrite's by the reward)."""
+def _dataset(processing, prompt: PromptTemplate, examples: list[Example], rows, limits):
+    """TRL's dataset: the prompt and the target rows. A text model gets the rendered
+    prompt; a vision-language model gets the chat messages and the reference `image`
+    (TRL places it in the messages and applies the processor's template itself)."""
     from datasets import Dataset
 
-    from grape_cli.query import encode_image_file
+    if not hasattr(processing, "image_processor"):
+        records = [
+            {"prompt": render_prompt(processing, prompt, e.query.text), "targets": r}
+            for e, r in zip(examples, rows, strict=True)
+        ]
+        _check_prompt_lengths(processing, [r["prompt"] for r in records], examples, *limits)
+        return Dataset.from_list(records)
 
+    from grape_cli.query import read_image
+    from grape_cli.rewrite import REFERENCE_MAX_SIDE
+
+    rendered = [  # to check lengths; the image's own tokens come on top
+        processing.apply_chat_template(
+            prompt.vision_messages(e.query.text, bool(e.query.image)),
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for e in examples
+    ]
+    _check_prompt_lengths(processing.tokenizer, rendered, examples, *limits)
     records = [
-        {"prompt": render_prompt(tokenizer, prompt, e.query.text), "targets": r}
+        {"prompt": prompt.messages(e.query.text), "targets": r}
         for e, r in zip(examples, rows, strict=True)
     ]
-    _check_prompt_lengths(tokenizer, [r["prompt"] for r in records], examples, *limits)
-    if any(e.query.image for e in examples):
+    if examples[0].query.image:  # all of them have one (see _reads_images)
         for rec, e in zip(records, examples, strict=True):
-            image = e.query.image
-            rec["image_vec"] = encode_image_file(clip, image)[0].tolist() if image else []
-            rec["image_weight"] = e.query.image_weight if image else 0.0
+            rec["image"] = read_image(e.query.image, max_side=REFERENCE_MAX_SIDE)
     return Dataset.from_list(records)
 
 
@@ -216,7 +260,7 @@ def _context_limit(model, tokenizer) -> int | None:
     (a tokenizer without one reports a huge sentinel)."""
     limits = [
         getattr(tokenizer, "model_max_length", None),
-        getattr(model.config, "max_position_embeddings", None),
+        getattr(model.config.get_text_config(), "max_position_embeddings", None),
     ]
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 10_000_000]
     return min(limits, default=None)
@@ -333,7 +377,7 @@ def _grpo_config(GRPOConfig, config: TrainConfig, run: RunDirs, queries: int, de
     )
 
 
-def _make_trainer(config: TrainConfig, model, tokenizer, reward_funcs, args, dataset):
+def _make_trainer(config: TrainConfig, model, processing, reward_funcs, args, dataset):
     from transformers import PrinterCallback
     from trl import GRPOTrainer
 
@@ -353,7 +397,7 @@ def _make_trainer(config: TrainConfig, model, tokenizer, reward_funcs, args, dat
             reward_funcs=reward_funcs,
             args=args,
             train_dataset=dataset,
-            processing_class=tokenizer,
+            processing_class=processing,
             peft_config=peft_config,
         )
     except (ValueError, TypeError, NotImplementedError) as e:
@@ -371,7 +415,7 @@ def _make_trainer(config: TrainConfig, model, tokenizer, reward_funcs, args, dat
 # ----------------------------------------------------------------------------- output
 
 
-def _finish(config: TrainConfig, run: RunDirs, state: dict, corpus, best, prompt) -> None:
+def _finish(config: TrainConfig, run: RunDirs, state: dict, corpus, best, prompt, vision) -> None:
     """Assemble the run folder next to the partial one, then rename it into place."""
     import os
 
@@ -388,13 +432,13 @@ def _finish(config: TrainConfig, run: RunDirs, state: dict, corpus, best, prompt
     with open(final / HELDOUT, "w", encoding="utf-8") as f:
         for e in state["heldout"]:
             f.write(json.dumps(e, ensure_ascii=False) + "\n")
-    _run_info(config, run, state, corpus, best, prompt, rows).write(final)
+    _run_info(config, run, state, corpus, best, prompt, rows, vision).write(final)
     run.out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(final, run.out)  # the one step that makes the run folder appear
     shutil.rmtree(run.work, ignore_errors=True)
 
 
-def _run_info(config, run, state, corpus, best, prompt, rows):
+def _run_info(config, run, state, corpus, best, prompt, rows, vision: bool):
     from grape_cli.runfolder import PUBLIC_SETTINGS, LocalFacts, RunInfo
 
     steps = [r["step_seconds"] for r in rows if "step_seconds" in r]
@@ -406,6 +450,7 @@ def _run_info(config, run, state, corpus, best, prompt, rows):
         reward=config.reward,
         prompt=prompt,
         adapter=config.lora,
+        vision=vision,
         max_new_tokens=config.max_completion_length,
         index_fingerprint=state["fingerprint"],
         settings=settings,
