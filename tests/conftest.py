@@ -212,3 +212,70 @@ def hub_cache(tmp_path, monkeypatch):
     cache.mkdir()
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+# ----------------------------------------------------------------------------- composed queries
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """A random-weight Qwen2-VL with a processor built here (tokenizer, image processor,
+    chat template): the layout of a Hub download, nothing downloaded."""
+    from grape_cli.tiny import build_tiny_vlm
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-vlm"
+    return build_tiny_vlm(folder, LM_TEXTS, preset="test", vocab_size=400, seed=0)
+
+
+@pytest.fixture(scope="session")
+def compose_world(tmp_path_factory, tiny_clip, tiny_vlm):
+    """An index of 16 images, 16 composed pairs (a reference image outside the index plus
+    an edit), a tiny VLM taught to answer with a caption and stop, and a prompt file."""
+    from grape_cli.index import index_folders
+    from grape_cli.query import Query
+    from grape_cli.tiny import teach_vlm
+
+    root = tmp_path_factory.mktemp("compose-world")
+    photos = noise_images(root / "photos", 16)
+    refs = noise_images(root / "refs", 16, seed=7)
+    index_folders([root / "photos"], root / "index", str(tiny_clip), workers=0)
+    edits = [f"like this but {CAPTIONS[i % 8]}" for i in range(16)]
+    with open(root / "pairs.jsonl", "w") as f:
+        for edit, ref, target in zip(edits, refs, photos, strict=True):
+            rec = {"query": edit, "image": f"refs/{ref.name}", "target": f"photos/{target.name}"}
+            f.write(json.dumps(rec) + "\n")
+    (root / "prompt.json").write_text(json.dumps(TRAIN_PROMPT.to_dict()))
+    examples = [
+        (Query(e, str(r)), CAPTIONS[i % 8])
+        for i, (e, r) in enumerate(zip(edits, refs, strict=True))
+    ]
+    vlm = teach_vlm(tiny_vlm, root / "vlm", examples[:8], TRAIN_PROMPT, steps=20)
+    return {
+        "root": root,
+        "index": root / "index",
+        "pairs": root / "pairs.jsonl",
+        "vlm": vlm,
+        "prompt": root / "prompt.json",
+        "photos": photos,
+        "refs": refs,
+    }
+
+
+@pytest.fixture(scope="session")
+def vlm_run(compose_world, tmp_path_factory):
+    """`grape train` of the tiny VLM on the composed pairs, run once: its run folder."""
+    from grape_cli.cli import app
+
+    out = tmp_path_factory.mktemp("trained-vlm") / "runs" / "compose"
+    w = compose_world
+    r = CliRunner().invoke(
+        app,
+        [str(a) for a in (
+            "train", w["pairs"], "--index", w["index"], "--base-model", w["vlm"],
+            "--steps", 4, "--eval-every", 2, "--group-size", 4, "--queries-per-step", 4,
+            "--max-new-tokens", 12, "--eval-split", 0.25, "--prompt-file", w["prompt"],
+            "--learning-rate", 1e-3, "--out", out, "--json",
+        )],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return {**w, "run": out, "result": json.loads(r.stdout)}
