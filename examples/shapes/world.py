@@ -490,3 +490,175 @@ def write_pairs(
                     f.write(json.dumps({"query": q, "target": target}, ensure_ascii=False) + "\n")
         out[name] = path
     return out
+
+
+# --------------------------------------------------------------------------- composed queries
+
+# A composed query is a reference image plus an edit of one or two of its attributes,
+# in Chinese or English; its target is the edited scene, which is in the corpus too.
+# The edit names only what changes: the rest has to be read off the reference image.
+# Seen and unseen phrasings as for the other shifts (templates and edit wordings).
+EN_EDITS = {
+    "seen": {
+        "shape": ["a {shape} instead", "make it a {shape}"],
+        "color": ["in {color}", "make it {color}"],
+        "background": ["on a {background} background", "with a {background} background"],
+        "position": ["{pos}", "moved {pos}"],
+        "size": ["{size}", "make it {size}"],
+    },
+    "unseen": {
+        "shape": ["the object should be a {shape}", "swap the shape for a {shape}"],
+        "color": ["paint it {color}", "the colour should be {color}"],
+        "background": ["change the backdrop to {background}", "{background} behind it"],
+        "position": ["place it {pos}", "shift it {pos}"],
+        "size": ["a {size} version", "{size} this time"],
+    },
+}
+EN_COMPOSE = {
+    "seen": ["like this one, but {edits}", "same picture but {edits}", "this image, {edits}"],
+    "unseen": ["I want this again, only {edits}", "{edits}, otherwise keep everything as it is"],
+}
+ZH_EDITS = {
+    "seen": {
+        "shape": ["换成{shape}", "形状改成{shape}"],
+        "color": ["颜色换成{color}", "改成{color}的"],
+        "background": ["背景换成{bgc}", "用{bgc}背景"],
+        "position": ["放到{pos}", "移到{pos}"],
+        "size": ["变{size}", "改成{size}的"],
+    },
+    "unseen": {
+        "shape": ["把形状变为{shape}", "形状用{shape}"],
+        "color": ["涂成{color}", "颜色要{color}"],
+        "background": ["背景颜色调成{bgc}", "后面换成{bgc}"],
+        "position": ["挪到{pos}", "位置改到{pos}"],
+        "size": ["做得{size}一点", "尺寸{size}一些"],
+    },
+}
+ZH_COMPOSE = {
+    "seen": ["和这张一样，但是{edits}", "这张图，{edits}", "参考这张，{edits}"],
+    "unseen": ["照着这张来，只是{edits}", "{edits}，其余保持不变"],
+}
+
+
+@dataclass(frozen=True)
+class Composed:
+    reference: Scene
+    target: Scene
+    query: str
+
+
+def _edit_words(target: Scene, lang: str) -> dict[str, str]:
+    if lang == "zh":
+        return {
+            "shape": ZH_SHAPES[target.shape],
+            "color": ZH_COLORS[target.color],
+            "bgc": ZH_COLORS[target.background],
+            "pos": ZH_POSITIONS[target.position],
+            "size": ZH_SIZES[target.size],
+        }
+    return {
+        "shape": target.shape,
+        "color": target.color,
+        "background": target.background,
+        "pos": EN_POSITIONS[target.position],
+        "size": target.size,
+    }
+
+
+def query_compose(
+    target: Scene, changed: list[str], rng: random.Random, lang: str, phrasing: str = "seen"
+) -> str:
+    """The edit text that turns a reference scene into `target` by changing `changed`."""
+    edits, templates = (ZH_EDITS, ZH_COMPOSE) if lang == "zh" else (EN_EDITS, EN_COMPOSE)
+    words = _edit_words(target, lang)
+    parts = [rng.choice(edits[phrasing][a]).format(**words) for a in changed]
+    joined = "，".join(parts) if lang == "zh" else " and ".join(parts)
+    return rng.choice(templates[phrasing]).format(edits=joined)
+
+
+def neighbours(scenes: list[Scene]) -> dict[tuple, dict[tuple[str, ...], list[Scene]]]:
+    """For each scene's attributes: the corpus scenes that differ from it in exactly the
+    attributes of each key (one or two of them)."""
+    out: dict[tuple, dict[tuple[str, ...], list[Scene]]] = {s.combo: {} for s in scenes}
+    for k in (1, 2):
+        for attrs in itertools.combinations(range(len(ATTRIBUTES)), k):
+            names = tuple(ATTRIBUTES[i] for i in attrs)
+            groups: dict[tuple, list[Scene]] = {}
+            for s in scenes:  # same key: equal on every attribute outside `attrs`
+                key = tuple(v for i, v in enumerate(s.combo) if i not in attrs)
+                groups.setdefault(key, []).append(s)
+            for group in groups.values():
+                for s in group:
+                    near = [o for o in group if all(o.combo[i] != s.combo[i] for i in attrs)]
+                    if near:
+                        out[s.combo][names] = near
+    return out
+
+
+def compose_for(
+    target: Scene, near: dict[tuple[str, ...], list[Scene]], rng: random.Random, lang: str,
+    phrasing: str = "seen",
+) -> Composed | None:  # fmt: skip
+    """One composed query for `target`: a corpus scene one or two attributes away as the
+    reference (one attribute in 60% of queries), the edit back to `target` as text."""
+    ones = [k for k in near if len(k) == 1]
+    twos = [k for k in near if len(k) == 2]
+    keys = ones if (rng.random() < 0.6 or not twos) else twos
+    if not keys:
+        return None
+    changed = list(rng.choice(sorted(keys)))
+    reference = rng.choice(near[tuple(changed)])
+    rng.shuffle(changed)
+    return Composed(reference, target, query_compose(target, changed, rng, lang, phrasing))
+
+
+def write_compose_pairs(
+    corpus_dir: str | Path,
+    pairs_dir: str | Path,
+    scenes: list[Scene],
+    train: list[Scene],
+    heldout: list[Scene],
+    seed: int = 0,
+) -> dict[str, Path]:
+    """`train-compose` (two per training target, Chinese and English), `heldout-compose`
+    and `heldout-compose-unseen` (one per held-out target, the language alternating),
+    and `heldout-compose-oracle` (the held-out targets' own captions, the ceiling).
+
+    Split by target scene, as the other shifts: no held-out target is a training target.
+    A reference is any corpus scene (held-out ones included: the retriever has indexed
+    them too). Paths are relative to the pairs file.
+    """
+    pairs_dir = Path(pairs_dir)
+    pairs_dir.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(Path(corpus_dir).resolve(), pairs_dir.resolve())
+    near = neighbours(scenes)
+    jobs = {
+        "train-compose": (train, ("zh", "en"), "seen"),
+        "heldout-compose": (heldout, None, "seen"),
+        "heldout-compose-unseen": (heldout, None, "unseen"),
+    }
+    out = {}
+    oracle = []
+    for name, (targets, langs, phrasing) in jobs.items():
+        path = pairs_dir / f"{name}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for i, sc in enumerate(targets):
+                rng = scene_rng(seed, f"{name}:{sc.file}")
+                for lang in langs or (("zh", "en")[i % 2],):
+                    c = compose_for(sc, near[sc.combo], rng, lang, phrasing)
+                    if c is None:
+                        continue
+                    rec = {
+                        "query": c.query,
+                        "image": Path(rel, c.reference.file).as_posix(),
+                        "target": Path(rel, sc.file).as_posix(),
+                    }
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    if name == "heldout-compose":
+                        cap = caption_en(sc, scene_rng(seed, f"oracle:{sc.file}"))
+                        oracle.append({"query": cap, "target": rec["target"]})
+        out[name] = path
+    path = pairs_dir / "heldout-compose-oracle.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in oracle), encoding="utf-8")
+    out["heldout-compose-oracle"] = path
+    return out

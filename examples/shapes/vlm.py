@@ -1,0 +1,247 @@
+"""The shapes world's base vision-language rewriter: a tiny Qwen2-VL that plays an
+off-the-shelf VLM for composed queries (a reference image plus an edit).
+
+GRAPE's third shift starts from a VLM that already does the task (look at the reference,
+apply the edit, write a caption) in its own words, not the retriever's. We cannot
+download one, so `train_base_vlm` builds that starting point: a Qwen2-VL built here from
+a config (`grape_cli.tiny.build_tiny_vlm`: a few-patch ViT, the example's own BPE
+tokenizer with the vision tokens, a processor made locally), supervised on training
+targets' composed queries, prompted exactly as grape prompts a VLM rewriter
+(`PromptTemplate.default(vision=True)`). Its targets are the text rewriter's house-style
+captions of the *edited* scene (`rewriter.base_caption`): the same synonyms, layouts and
+dropped details, so its imperfection is the same known one, and GRPO has the same job:
+find the retriever's words.
+
+    python -m examples.shapes.vlm OUT_DIR [--steps N] [--quick] [--eval N]
+
+trains on the default world's training targets and prints held-out reading statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+from examples.shapes.rewriter import _tokenizer_corpus, base_caption, word_usage
+from examples.shapes.world import (
+    ATTRIBUTES,
+    PHRASINGS,
+    Composed,
+    Scene,
+    compose_for,
+    neighbours,
+    render_scene,
+    scene_rng,
+)
+from grape_cli.prompt import PromptTemplate
+
+# Text part as the text rewriter's (width mattered most there); mrope splits half the
+# head dimension (256 / 8 / 2 = 16) over time, height and width.
+ARCH = {
+    "text": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "rope_scaling": {"type": "default", "mrope_section": [8, 4, 4]},
+    },
+    # 8-pixel patches on a 64-pixel image: 64 patches, merged 2x2 into 16 image tokens.
+    "vision": {"depth": 2, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 2},
+    "patch_size": 8,
+    "max_pixels": 64 * 64,
+}
+VOCAB = 2500
+STEPS, QUICK_STEPS = 1500, 20
+BATCH = 16
+LR, WARMUP = 2e-3, 30
+P_ZH = 0.5  # Chinese edits, the rest English
+
+
+def _images(corpus_dir: Path | None, scenes: list[Scene], seed: int) -> dict[str, object]:
+    """Each scene's image: read from the corpus folder when given, else rendered."""
+    from PIL import Image
+
+    out = {}
+    for sc in scenes:
+        if corpus_dir is not None:
+            out[sc.file] = Image.open(corpus_dir / sc.file).convert("RGB")
+        else:
+            out[sc.file] = render_scene(sc, scene_rng(seed, sc.file))
+    return out
+
+
+def _batch(processor, prompt: PromptTemplate, items: list[tuple[Composed, str]], images):
+    """The processor's right-padded batch with labels on the answers only."""
+
+    tok = processor.tokenizer
+    prompts = [
+        processor.apply_chat_template(
+            prompt.vision_messages(c.query, True), add_generation_prompt=True, tokenize=False
+        )
+        for c, _ in items
+    ]
+    texts = [p + answer + tok.eos_token for p, (_, answer) in zip(prompts, items, strict=True)]
+    refs = [images[c.reference.file] for c, _ in items]
+    tok.padding_side = "right"
+    enc = processor(text=texts, images=refs, padding=True, return_tensors="pt")
+    tok.padding_side = "left"
+    per_image = enc["image_grid_thw"].prod(dim=1) // processor.image_processor.merge_size**2
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    for i, p in enumerate(prompts):  # the image placeholder is one token before expansion
+        n_prompt = len(tok(p, add_special_tokens=False)["input_ids"]) + int(per_image[i]) - 1
+        labels[i, :n_prompt] = -100
+    return {**enc, "labels": labels}
+
+
+def train_base_vlm(
+    out_dir,
+    scenes: list[Scene],
+    train_targets: list[Scene],
+    corpus_dir: Path | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    quick: bool = False,
+    log=print,
+) -> Path:
+    """Build, supervise and save the base VLM in `out_dir`; returns the folder.
+
+    Targets are `train_targets` only; references are any of `scenes` (the corpus).
+    """
+    import torch
+
+    from grape_cli.models import load_vlm
+    from grape_cli.tiny import build_tiny_vlm
+
+    t0 = time.time()
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    steps = steps if steps is not None else (QUICK_STEPS if quick else STEPS)
+    near = neighbours(scenes)
+    prompt = PromptTemplate.default(vision=True)
+
+    def example(target: Scene) -> tuple[Composed, str] | None:
+        lang = "zh" if rng.random() < P_ZH else "en"
+        c = compose_for(target, near[target.combo], rng, lang)
+        return None if c is None else (c, base_caption(target, rng))
+
+    corpus = _tokenizer_corpus(train_targets[:200] if quick else train_targets, rng)
+    corpus += [prompt.system] * 20
+    corpus += [e[0].query for e in map(example, train_targets) if e]
+    build_tiny_vlm(out, corpus, preset=ARCH, vocab_size=VOCAB, seed=seed)
+    model, processor = load_vlm(str(out), device="cpu")
+    images = _images(corpus_dir, scenes, seed)
+    model.train()
+    log(
+        f"base VLM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
+        f"({sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f}M vision), "
+        f"vocab {len(processor.tokenizer)}, {steps} steps"
+    )
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to zero
+        if step < WARMUP:
+            return (step + 1) / WARMUP
+        return 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / max(1, steps - WARMUP)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ema = None
+    for step in range(steps):
+        items = []
+        while len(items) < BATCH:
+            if (e := example(rng.choice(train_targets))) is not None:
+                items.append(e)
+        loss = model(**_batch(processor, prompt, items, images)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(f"  step {step + 1}/{steps}  loss {ema:.3f}  {time.time() - t0:.0f}s")
+    model.eval()
+    model.save_pretrained(out)
+    meta = {"seed": seed, "steps": steps, "batch": BATCH, "lr": LR, "arch": ARCH,
+            "final_loss": ema, "seconds": round(time.time() - t0, 1)}  # fmt: skip
+    (out / "base_vlm.json").write_text(json.dumps(meta, indent=2))
+    log(f"base VLM saved to {out} in {meta['seconds']}s")
+    return out
+
+
+def reading_report(model_dir, scenes: list[Scene], targets: list[Scene], seed: int = 0,
+                   corpus_dir: Path | None = None) -> dict:  # fmt: skip
+    """How the VLM reads held-out composed queries (greedy): per attribute of the target,
+    how often its caption has the retriever's word, a synonym, a wrong value or none;
+    split into the attributes the edit names and those it must read off the image."""
+    import tempfile
+
+    from grape_cli.query import Query
+    from grape_cli.rewrite import load_rewriter
+
+    near = neighbours(scenes)
+    images = _images(corpus_dir, scenes, seed)
+    rewriter = load_rewriter(str(model_dir), device="cpu")
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for phrasing in PHRASINGS:
+            rng = random.Random(f"{seed}:compose:{phrasing}")
+            composed = [compose_for(t, near[t.combo], rng, ("zh", "en")[i % 2], phrasing)
+                        for i, t in enumerate(targets)]  # fmt: skip
+            composed = [c for c in composed if c]
+            queries = []
+            for c in composed:
+                path = Path(tmp) / c.reference.file
+                if not path.exists():
+                    images[c.reference.file].save(path)
+                queries.append(Query(c.query, str(path)))
+            texts = [r[0] for r in rewriter.rewrite(queries)]
+            edited, kept = Counter(), Counter()
+            n_edited = n_kept = 0
+            for c, text in zip(composed, texts, strict=True):
+                usage = word_usage(text, c.target)
+                for a in ATTRIBUTES:
+                    changed = getattr(c.reference, a) != getattr(c.target, a)
+                    (edited if changed else kept)[usage[a]] += 1
+                    n_edited += changed
+                    n_kept += not changed
+            report[phrasing] = {
+                "edited": {u: round(edited[u] / max(1, n_edited), 3) for u in sorted(edited)},
+                "read_off_image": {u: round(kept[u] / max(1, n_kept), 3) for u in sorted(kept)},
+                "examples": [[c.query, t] for c, t in zip(composed[:4], texts, strict=False)],
+            }
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    from examples.shapes.world import make_scenes, split_scenes
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--eval", type=int, default=200, help="held-out targets to analyse")
+    ap.add_argument("--no-train", action="store_true", help="analyse OUT_DIR as it is")
+    args = ap.parse_args(argv)
+    scenes = make_scenes()
+    train, heldout = split_scenes(scenes)
+    folder = args.out_dir
+    if not args.no_train:
+        folder = train_base_vlm(args.out_dir, scenes, train, steps=args.steps, quick=args.quick)
+    t = time.time()
+    report = reading_report(folder, scenes, heldout[: args.eval])
+    report["eval_seconds"] = round(time.time() - t, 1)
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+    return report
+
+
+if __name__ == "__main__":
+    main()
