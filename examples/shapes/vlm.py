@@ -139,7 +139,7 @@ def train_base_vlm(
     model.train()
     log(
         f"base VLM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
-        f"({sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f}M vision), "
+        f"({sum(p.numel() for p in model.model.visual.parameters()) / 1e6:.2f}M vision), "
         f"vocab {len(processor.tokenizer)}, {steps} steps"
     )
     torch.manual_seed(seed)
