@@ -237,14 +237,12 @@ VLM_PRESETS: dict[str, dict] = {
 }
 
 
-def build_tiny_processor(
-    texts: list[str], vocab_size: int = 2000, patch_size: int = 8, max_pixels=4096
-):
-    """A Qwen2-VL processor built here: a trained BPE tokenizer with the vision tokens,
-    an image processor whose patches suit 32-64 px images, and the chat template."""
+def build_tiny_processor(tokenizer, patch_size: int = 8, max_pixels: int = 4096):
+    """A Qwen2-VL processor built here around `tokenizer` (a byte-level BPE with a ChatML
+    template, e.g. `train_tokenizer`'s): the vision tokens added to it, an image
+    processor whose patches suit 32-64 px images, and the chat template."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    tokenizer = train_tokenizer(texts, vocab_size)
     tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tokenizer.chat_template = VLM_CHAT_TEMPLATE
     sizes = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2}
@@ -269,14 +267,17 @@ def build_tiny_vlm(
     preset: str | dict = "test",
     vocab_size: int = 2000,
     seed: int = 0,
+    tokenizer=None,
 ) -> Path:
     """Save a random-weight Qwen2-VL and its locally built processor (the layout of a Hub
-    download: config, safetensors weights, processor and tokenizer files)."""
+    download: config, safetensors weights, processor and tokenizer files). The tokenizer
+    is trained on `texts`, or `tokenizer` (a language model's, to build a VLM on it)."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     arch = dict(VLM_PRESETS[preset]) if isinstance(preset, str) else dict(preset)
-    processor = build_tiny_processor(texts, vocab_size, arch["patch_size"], arch["max_pixels"])
+    tokenizer = tokenizer or train_tokenizer(texts, vocab_size)
+    processor = build_tiny_processor(tokenizer, arch["patch_size"], arch["max_pixels"])
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
     vision = {**arch["vision"], "hidden_size": arch["text"]["hidden_size"]}

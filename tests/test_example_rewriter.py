@@ -100,3 +100,24 @@ def test_quick_base_rewriter_loads_and_generates_one_line(tmp_path):
     assert tokenizer.eos_token_id in new  # stops at <|im_end|>, as GRPO's format gate needs
     text = clean_rewrite(tokenizer.decode(new, skip_special_tokens=True))
     assert text and "\n" not in text
+
+
+def test_quick_base_vlm_reads_a_composed_query_through_grapes_loader(tmp_path):
+    from examples.shapes import vlm
+    from grape_cli.query import Query
+    from grape_cli.rewrite import VLMRewriter, load_rewriter
+
+    scenes = world.make_scenes(300, seed=0)
+    train, held = world.split_scenes(scenes)
+    folder = vlm.train_base_vlm(tmp_path / "vlm", scenes, train, quick=True, log=lambda _: None)
+    assert json.loads((folder / "base_vlm.json").read_text())["steps"] == vlm.QUICK_STEPS
+    rewriter = load_rewriter(str(folder), device="cpu")
+    assert isinstance(rewriter, VLMRewriter)  # the default VLM prompt, as training used
+    assert rewriter.prompt == PromptTemplate.default(vision=True)
+    ref = tmp_path / held[0].file
+    world.render_scene(held[0], random.Random(0)).save(ref)
+    ((text,),) = rewriter.rewrite([Query("和这张一样，但是换成红色", str(ref))])
+    assert "\n" not in text
+    report = vlm.reading_report(folder, scenes, held[:4])
+    assert set(report) == set(world.PHRASINGS)
+    assert set(report["seen"]["edited"]) <= {"exact", "synonym", "wrong", "dropped"}

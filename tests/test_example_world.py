@@ -167,3 +167,50 @@ def test_unseen_phrasings_never_appear_in_seen_queries():
     for ph in world.PHRASINGS:
         joined = " ".join(queries[ph][0])
         assert all(f in joined for f in world.FILLER[ph])
+
+
+def test_composed_pairs_edit_a_corpus_scene_into_its_target(tmp_path):
+    scenes = world.make_scenes(400, seed=2)
+    train, held = world.split_scenes(scenes, heldout_fraction=0.25, seed=2)
+    corpus = world.write_corpus(tmp_path / "corpus", scenes, seed=2)
+    paths = world.write_compose_pairs(corpus, tmp_path / "pairs", scenes, train, held, seed=2)
+    by_file = {s.file: s for s in scenes}
+    held_files = {s.file for s in held}
+    for name in ("train-compose", "heldout-compose", "heldout-compose-unseen"):
+        rows = [json.loads(x) for x in paths[name].read_text("utf-8").splitlines()]
+        assert len(rows) >= 0.9 * (2 * len(train) if name.startswith("train") else len(held))
+        for r in rows:
+            ref = by_file[Path(r["image"]).name]  # both in the corpus
+            target = by_file[Path(r["target"]).name]
+            assert (paths[name].parent / r["image"]).resolve().is_file()
+            changed = [a for a in world.ATTRIBUTES if getattr(ref, a) != getattr(target, a)]
+            assert 1 <= len(changed) <= 2, (ref, target)
+            assert (target.file in held_files) == name.startswith("heldout")
+            # the edit names the target's new values, in the query's language
+            zh = bool(re.search("[\u4e00-\u9fff]", r["query"]))
+            words = world._edit_words(target, "zh" if zh else "en")
+            key = {"background": "bgc" if zh else "background", "position": "pos"}
+            assert all(words[key.get(a, a)] in r["query"] for a in changed), r
+    oracle = paths["heldout-compose-oracle"].read_text("utf-8").splitlines()
+    assert len(oracle) == len(paths["heldout-compose"].read_text("utf-8").splitlines())
+
+
+def test_unseen_compose_phrasings_never_appear_in_seen_queries():
+    scenes = world.make_scenes(300, seed=1)
+    near = world.neighbours(scenes)
+    seen = set()
+    rng = random.Random(0)
+    for s in scenes:
+        for lang in ("zh", "en"):
+            if c := world.compose_for(s, near[s.combo], rng, lang, "seen"):
+                seen.add(c.query)
+    assert len(seen) > 400
+    for tables in (world.EN_EDITS, world.ZH_EDITS):
+        for attr, phrases in tables["unseen"].items():
+            for p in phrases:
+                stem = max(re.split(r"\{\w+\}", p), key=len).strip()
+                assert len(stem) >= 2 and not any(stem in q for q in seen), (attr, p)
+    for tables in (world.EN_COMPOSE, world.ZH_COMPOSE):
+        for t in tables["unseen"]:
+            stem = max(t.split("{edits}"), key=len).strip(" ，,")
+            assert not any(stem in q for q in seen), t

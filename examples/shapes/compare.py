@@ -17,7 +17,7 @@ METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
 
 def table(results: dict) -> dict[tuple[str, str, str], float]:
     """{(shift, rewriter name, metric): value} from one run's results.json."""
-    names = results.get("names", {})
+    names = {**results.get("names", {}), **results.get("compose_names", {})}
     out = {
         (shift, "retriever", m): float(v[m])
         for shift, v in results.get("retriever", {}).items()

@@ -16,6 +16,9 @@ from examples.shapes.world import ATTRIBUTES
 ROWS = ("none", "base", "grpo-similarity", "grpo-rank", "grpo-rank-top")
 REWARDS = ("rank", "rank-top", "similarity")
 SHIFTS = ("zh", "long", "zh-unseen", "long-unseen")
+COMPOSE_SHIFTS = ("compose", "compose-unseen")
+COMPOSE_BASELINES = ("image only", "text only", "blend")
+COMPOSE_ROWS = (*COMPOSE_BASELINES, "base VLM", "grpo-similarity", "grpo-rank")
 
 
 def _fmt(x, nd: int = 3) -> str:
@@ -201,10 +204,14 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
             lines.append(f"| {key} | {rep['colour_mixup']:.0%} | " + " | ".join(cells) + " |")
         lines.append("")
 
+    if "compose" in results.get("eval", {}):
+        lines += compose_lines(work, results, clip)
+
     lines += ["## Time", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stages_s"].items()]
     lines.append(f"| total | {sum(results['stages_s'].values()):.1f} |")
-    for reward in REWARDS:
+    runs = [r for r in (*REWARDS, "compose-rank", "compose-similarity") if f"train_{r}" in results]
+    for reward in runs:
         t = results[f"train_{reward}"]
         lines.append(
             f"\nGRPO `{reward}`: {t['steps']} steps, {t['seconds_per_step']:.2f} s/step "
@@ -220,6 +227,100 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
         "```",
         "",
     ]
+    if "compose_search" in results:
+        cs = results["compose_search"]
+        lines += [
+            "## `grape search`: a composed query with the `compose-rank` rewriter",
+            "",
+            f'Reference image `{Path(cs["image"]).name}` plus the edit "{cs["query"]}":',
+            "",
+            "```",
+            cs["output"].rstrip(),
+            "```",
+            "",
+        ]
     path = work / "RESULTS.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def compose_lines(work: Path, results: dict, clip) -> list[str]:
+    """The composed-query tables: the baselines a user has without grape, the base VLM,
+    each GRPO reward and the oracle (the target's own English caption)."""
+    names = results["compose_names"]
+    oracle = results["eval"]["compose-oracle"]["rows"][0]["metrics"]
+    summary = {}
+    lines = []
+    for shift in COMPOSE_SHIFTS:
+        report = results["eval"][shift]
+        rows = {names.get(r["rewriter"], r["rewriter"]): r for r in report["rows"]}
+        best = max(rows[b]["metrics"]["recall@10"] for b in COMPOSE_BASELINES)
+        span = oracle["recall@10"] - best
+        per_query = work / "eval" / f"per-query-{shift}.jsonl"
+        lines += [
+            f"## Held-out `{shift}` queries ({report['n_evaluated']} pairs: a reference image "
+            "plus an edit)",
+            "",
+            "Gap closure: R@10 between the best baseline (image, text or blend) and the oracle.",
+            "",
+            "| rewriter | R@1 | R@5 | R@10 | MRR | median rank | gap closure R@10 "
+            "| clean rewrites | hedging | rewrite ms/query |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in COMPOSE_ROWS:
+            r = rows[name]
+            m = r["metrics"]
+            gap = (m["recall@10"] - best) / span if span > 0 else None
+            stats = {}
+            if name not in COMPOSE_BASELINES:
+                stats = heldout_inflation(per_query, r["rewriter"], work / "index", clip)
+            summary.setdefault(name, {})[shift] = {**m, "closure": gap, **stats}
+            clean = f"{stats['clean']:.0%}" if stats else "-"
+            hedge = f"{stats['hedging']:.0%}" if stats else "-"
+            lines.append(
+                f"| {name} | {_fmt(m['recall@1'])} | {_fmt(m['recall@5'])} "
+                f"| {_fmt(m['recall@10'])} | {_fmt(m['mrr'])} | {m['median_rank']:.0f} "
+                f"| {_fmt(gap, 2)} | {clean} | {hedge} | {r['rewrite_ms_per_query']:.1f} |"
+            )
+        lines += [
+            f"| oracle (target caption) | {_fmt(oracle['recall@1'])} "
+            f"| {_fmt(oracle['recall@5'])} | {_fmt(oracle['recall@10'])} "
+            f"| {_fmt(oracle['mrr'])} | {oracle['median_rank']:.0f} | 1.00 | - | - | - |",
+            "",
+        ]
+    lines += [
+        "Score inflation of the compose rewriters' held-out rewrites (mean cosine to the "
+        "target, the 10 best non-targets, 256 random images):",
+        "",
+        "| rewriter | shift | target | top-10 non-target | random |",
+        "|---|---|---|---|---|",
+    ]
+    for name in COMPOSE_ROWS[len(COMPOSE_BASELINES) :]:
+        for shift, s in summary[name].items():
+            lines.append(
+                f"| {name} | {shift} | {s['target_cos']:.3f} "
+                f"| {s['top_nontarget_cos']:.3f} | {s['random_cos']:.3f} |"
+            )
+    lines.append("")
+    reading = results.get("compose_reading", {})
+    if reading:
+        lines += [
+            "How the base VLM reads held-out composed queries (greedy): the target's "
+            "attributes the edit names, and those it has to read off the reference image.",
+            "",
+            "| phrasings | attributes | exact word | synonym | wrong | dropped |",
+            "|---|---|---|---|---|---|",
+        ]
+        for phrasing, rep in reading.items():
+            for part in ("edited", "read_off_image"):
+                u = rep[part]
+                lines.append(
+                    f"| {phrasing} | {part.replace('_', ' ')} | "
+                    + " | ".join(
+                        f"{u.get(k, 0):.0%}" for k in ("exact", "synonym", "wrong", "dropped")
+                    )
+                    + " |"
+                )
+        lines.append("")
+    (work / "summary-compose.json").write_text(json.dumps(summary, indent=1))
+    return lines

@@ -3,12 +3,16 @@
 Builds the shapes world, trains its tiny CLIP retriever and tiny base rewriter, then runs
 grape's own commands on it, as a user would: `grape index`, `grape train` (rank,
 rank-top and similarity rewards), `grape eval` on held-out pairs in seen and unseen
-phrasings, and one `grape search` in Chinese. Writes RESULTS.md (tables, settings,
-seeds, timings, machine) into the work folder.
+phrasings, and one `grape search` in Chinese. The third shift, composed queries (a
+reference image plus an edit), gets a tiny base vision-language rewriter, GRPO with the
+rank and similarity rewards, and its own eval and search; `--only compose` runs just
+that on an existing work folder. Writes RESULTS.md (tables, settings, seeds, timings,
+machine) into the work folder.
 
 Work folder layout (default examples/shapes/work/):
-  corpus/ (images + scenes.jsonl)  retriever/  index/  rewriter-base/  logs/
-  runs/rank/  runs/rank-top/  runs/similarity/  pairs/  eval/  results.json  RESULTS.md
+  corpus/ (images + scenes.jsonl)  retriever/  index/  rewriter-base/  rewriter-vlm-base/
+  runs/rank/  runs/rank-top/  runs/similarity/  runs/compose-rank/  runs/compose-similarity/
+  pairs/  eval/  logs/  results.json  RESULTS.md
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ SHIFTS = ("zh", "long", "zh-unseen", "long-unseen")
 # GRPO runs, one per reward: the paper's linear rank reward, the top-weighted rank-top,
 # and the naive similarity reward (the ablation).
 REWARDS = ("rank", "rank-top", "similarity")
+# Composed queries: the issue's two rewards, the paper's rank and the naive similarity.
+COMPOSE_REWARDS = ("rank", "similarity")
+COMPOSE_SHIFTS = ("compose", "compose-unseen")
 
 # Settings of a full run (<= 45 minutes on 2 CPU cores) and of the CI smoke run.
 FULL = {
@@ -41,6 +48,8 @@ FULL = {
     "beta": 0.0,
     "eval_every": 50,
     "comprehension_scenes": 400,
+    "vlm_sft_steps": None,
+    "compose_grpo_steps": 200,
 }
 QUICK = {
     "scenes": 160,
@@ -53,11 +62,14 @@ QUICK = {
     "beta": 0.0,
     "eval_every": 2,
     "comprehension_scenes": 16,
+    "vlm_sft_steps": 10,
+    "compose_grpo_steps": 4,
 }
 
 STAGE_DIRS = ("corpus", "pairs", "retriever", "index", "rewriter-base", "runs", "eval", "logs")
 SEARCH_QUERY = "一个小的红色圆形在左边，蓝色背景"
 SEARCH_REWARD = "rank-top"  # the run `grape search` shows: grape's default reward
+COMPOSE_SEARCH = "和这张一样，但是换成红色"  # with the first held-out pair's reference image
 
 
 def log(msg: str) -> None:
@@ -130,16 +142,84 @@ class Timer:
         return _Stage()
 
 
+def train_args(pairs, work: Path, base, reward: str, steps: int, cfg: dict, seed, out) -> list:
+    """`grape train` arguments for one GRPO run of the example."""
+    return [
+        "train", pairs, "--index", work / "index", "--base-model", base, "--reward", reward,
+        "--steps", steps, "--group-size", cfg["group_size"],
+        "--queries-per-step", cfg["queries_per_step"], "--learning-rate", cfg["learning_rate"],
+        "--beta", cfg["beta"], "--eval-every", cfg["eval_every"], "--seed", seed, "--out", out,
+    ]  # fmt: skip
+
+
+def run_compose(work: Path, cfg: dict, seed: int, quick: bool, timer, results: dict) -> None:
+    """The composed-query shift on a work folder whose corpus and index exist: pairs, the
+    base VLM, GRPO with each of COMPOSE_REWARDS (side by side), eval and one search."""
+    from examples.shapes.vlm import reading_report, train_base_vlm
+    from examples.shapes.world import load_scenes, split_scenes, write_compose_pairs
+
+    for stale in ("rewriter-vlm-base", *(f"runs/compose-{r}" for r in COMPOSE_REWARDS)):
+        shutil.rmtree(work / stale, ignore_errors=True)
+    scenes = load_scenes(work / "corpus")
+    train, held = split_scenes(scenes, seed=seed)
+    with timer("compose pairs + base VLM"):
+        pairs = write_compose_pairs(work / "corpus", work / "pairs", scenes, train, held, seed)
+        base = train_base_vlm(
+            work / "rewriter-vlm-base", scenes, train, work / "corpus", seed=seed,
+            steps=cfg["vlm_sft_steps"], quick=quick, log=log,
+        )  # fmt: skip
+    runs = {r: work / "runs" / f"compose-{r}" for r in COMPOSE_REWARDS}
+    with timer("grpo compose " + " + ".join(COMPOSE_REWARDS)):
+        steps = cfg["compose_grpo_steps"]
+        jobs = {
+            f"compose-{r}": train_args(
+                pairs["train-compose"], work, base, r, steps, cfg, seed, runs[r]
+            )
+            for r in COMPOSE_REWARDS
+        }
+        results.update({f"train_{k}": v for k, v in grape_parallel(jobs, work / "logs").items()})
+    names = {"none": "blend", "image-only": "image only", "text-only": "text only"}
+    names |= {str(base): "base VLM", **{str(runs[r]): f"grpo-{r}" for r in COMPOSE_REWARDS}}
+    results["compose_names"] = names
+    with timer("eval compose"):
+        (work / "eval").mkdir(exist_ok=True)
+        for shift in COMPOSE_SHIFTS:
+            per_query = work / "eval" / f"per-query-{shift}.jsonl"
+            args = [pairs[f"heldout-{shift}"], "--index", work / "index", "--per-query", per_query]
+            for r in ["none", base, *(runs[r] for r in COMPOSE_REWARDS)]:
+                args += ["--rewriter", r]
+            results.setdefault("eval", {})[shift] = grape("eval", *args)
+        results["eval"]["compose-oracle"] = grape(
+            "eval", pairs["heldout-compose-oracle"], "--index", work / "index", "--rewriter", "none"
+        )
+        results["compose_reading"] = reading_report(
+            base, scenes, held[: cfg["comprehension_scenes"]], seed, work / "corpus"
+        )
+    with timer("search compose"):
+        first = json.loads(pairs["heldout-compose"].read_text(encoding="utf-8").splitlines()[0])
+        image = (pairs["heldout-compose"].parent / first["image"]).resolve()
+        results["compose_search"] = {"query": COMPOSE_SEARCH, "image": str(image)}
+        results["compose_search"]["output"] = grape(
+            "search", COMPOSE_SEARCH, "--image", image, "--index", work / "index",
+            "--rewriter", runs["rank"], "-k", 5, json_out=False,
+        )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=HERE / "work")
     p.add_argument("--quick", action="store_true", help="tiny world, few steps (CI smoke run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--only", choices=["compose"], help="run one shift on an existing work folder's world"
+    )
     a = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if a.only == "compose":
+        return only_compose(a)
     from examples.shapes.retriever import encode_corpus, evaluate_retriever, train_retriever
     from examples.shapes.rewriter import train_base_rewriter, usage_report
     from examples.shapes.world import (
@@ -209,42 +289,17 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     runs = {r: work / "runs" / r for r in REWARDS}
-    train_args = {
-        r: [
-            "train",
-            mixed,
-            "--index",
-            work / "index",
-            "--base-model",
-            base,
-            "--reward",
-            r,
-            "--steps",
-            cfg["grpo_steps"],
-            "--group-size",
-            cfg["group_size"],
-            "--queries-per-step",
-            cfg["queries_per_step"],
-            "--learning-rate",
-            cfg["learning_rate"],
-            "--beta",
-            cfg["beta"],
-            "--eval-every",
-            cfg["eval_every"],
-            "--seed",
-            a.seed,
-            "--out",
-            runs[r],
-        ]
+    jobs = {
+        r: train_args(mixed, work, base, r, cfg["grpo_steps"], cfg, a.seed, runs[r])
         for r in REWARDS
     }
     # Two runs at a time on one thread each (see grape_parallel), the last on its own.
     for batch in (REWARDS[:2], REWARDS[2:]):
         with timer("grpo " + " + ".join(batch)):
             if len(batch) == 1:
-                results[f"train_{batch[0]}"] = grape(*train_args[batch[0]])
+                results[f"train_{batch[0]}"] = grape(*jobs[batch[0]])
                 continue
-            done = grape_parallel({r: train_args[r] for r in batch}, work / "logs")
+            done = grape_parallel({r: jobs[r] for r in batch}, work / "logs")
             results.update({f"train_{r}": v for r, v in done.items()})
 
     rewriters = ["none", base, *(runs[r] for r in REWARDS)]
@@ -286,15 +341,40 @@ def main(argv: list[str] | None = None) -> None:
             json_out=False,
         )
 
+    run_compose(work, cfg, a.seed, a.quick, timer, results)
     results["stages_s"] = timer.stages
+    finish(work, results, clip)
+
+
+def finish(work: Path, results: dict, clip) -> None:
     (work / "results.json").write_text(
         json.dumps(results, indent=1, ensure_ascii=False, default=str)
     )
     from examples.shapes.report import write_results
 
-    write_results(work, results, names, clip)
+    write_results(work, results, results["names"], clip)
     log(f"wrote {work / 'RESULTS.md'}")
     print((work / "RESULTS.md").read_text())
+
+
+def only_compose(a) -> None:
+    """`--only compose`: the composed shift on the world, index and results of an earlier
+    run in the same work folder; the other shifts' figures are kept as they were."""
+    from grape_cli.models import load_clip
+
+    work = a.workdir.resolve()
+    try:
+        results = json.loads((work / "results.json").read_text(encoding="utf-8"))
+    except OSError:
+        raise SystemExit(f"{work} has no results.json: run the whole example first") from None
+    if results["quick"] != a.quick or results["seed"] != a.seed:
+        raise SystemExit(f"{work} was built with other settings (quick, seed); run it whole")
+    timer = Timer()
+    cfg = QUICK if a.quick else FULL
+    run_compose(work, cfg, a.seed, a.quick, timer, results)
+    stages = {k: v for k, v in results["stages_s"].items() if "compose" not in k}
+    results["stages_s"] = {**stages, **timer.stages}
+    finish(work, results, load_clip(str(work / "retriever"), device="cpu"))
 
 
 if __name__ == "__main__":
