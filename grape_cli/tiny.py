@@ -237,7 +237,7 @@ VLM_PRESETS: dict[str, dict] = {
 }
 
 
-def build_tiny_processor(tokenizer, patch_size: int = 8, max_pixels: int = 4096):
+def build_tiny_processor(tokenizer, patch_size: int = 8, max_pixels: int = 4096, merge: int = 2):
     """A Qwen2-VL processor built here around `tokenizer` (a byte-level BPE with a ChatML
     template, e.g. `train_tokenizer`'s): the vision tokens added to it, an image
     processor whose patches suit 32-64 px images, and the chat template."""
@@ -245,10 +245,10 @@ def build_tiny_processor(tokenizer, patch_size: int = 8, max_pixels: int = 4096)
 
     tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tokenizer.chat_template = VLM_CHAT_TEMPLATE
-    sizes = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2}
+    sizes = {"patch_size": patch_size, "merge_size": merge, "temporal_patch_size": 2}
     image_processor = Qwen2VLImageProcessor(
         **sizes,
-        min_pixels=(2 * patch_size) ** 2,
+        min_pixels=(merge * patch_size) ** 2,
         max_pixels=max_pixels,
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
@@ -277,7 +277,8 @@ def build_tiny_vlm(
 
     arch = dict(VLM_PRESETS[preset]) if isinstance(preset, str) else dict(preset)
     tokenizer = tokenizer or train_tokenizer(texts, vocab_size)
-    processor = build_tiny_processor(tokenizer, arch["patch_size"], arch["max_pixels"])
+    merge = arch.get("merge_size", 2)  # patches merged (per side) into one image token
+    processor = build_tiny_processor(tokenizer, arch["patch_size"], arch["max_pixels"], merge)
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
     vision = {**arch["vision"], "hidden_size": arch["text"]["hidden_size"]}
@@ -293,7 +294,7 @@ def build_tiny_vlm(
         vision_config={
             **vision,
             "patch_size": arch["patch_size"],
-            "spatial_merge_size": 2,
+            "spatial_merge_size": merge,
             "temporal_patch_size": 2,
         },
         image_token_id=ids["<|image_pad|>"],

@@ -109,15 +109,23 @@ def test_quick_base_vlm_reads_a_composed_query_through_grapes_loader(tmp_path):
 
     scenes = world.make_scenes(300, seed=0)
     train, held = world.split_scenes(scenes)
-    folder = vlm.train_base_vlm(tmp_path / "vlm", scenes, train, quick=True, log=lambda _: None)
+    quiet = dict(quick=True, log=lambda _: None)
+    text = rewriter.train_base_rewriter(tmp_path / "text", train, steps=10, **quiet)
+    # Built on the text rewriter: before any image is seen it rewrites text as that does.
+    vlm.build_on_text_model(tmp_path / "on-text", text)
+    queries = [world.query_zh(s, random.Random(0)) for s in held[:3]]
+    assert load_rewriter(str(tmp_path / "on-text"), prompt=PromptTemplate()).rewrite(
+        queries
+    ) == load_rewriter(str(text)).rewrite(queries)
+    folder = vlm.train_base_vlm(tmp_path / "vlm", scenes, train, text, **quiet)
     assert json.loads((folder / "base_vlm.json").read_text())["steps"] == vlm.QUICK_STEPS
-    rewriter = load_rewriter(str(folder), device="cpu")
-    assert isinstance(rewriter, VLMRewriter)  # the default VLM prompt, as training used
-    assert rewriter.prompt == PromptTemplate.default(vision=True)
+    model = load_rewriter(str(folder), device="cpu")
+    assert isinstance(model, VLMRewriter)  # the default VLM prompt, as training used
+    assert model.prompt == PromptTemplate.default(vision=True)
     ref = tmp_path / held[0].file
     world.render_scene(held[0], random.Random(0)).save(ref)
-    ((text,),) = rewriter.rewrite([Query("和这张一样，但是换成红色", str(ref))])
-    assert "\n" not in text
+    ((caption,),) = model.rewrite([Query("和这张一样，但是换成红色", str(ref))])
+    assert "\n" not in caption
     report = vlm.reading_report(folder, scenes, held[:4])
     assert set(report) == set(world.PHRASINGS)
     assert set(report["seen"]["edited"]) <= {"exact", "synonym", "wrong", "dropped"}

@@ -4,8 +4,6 @@ each reported with its file and line at load time."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from PIL import Image
 
@@ -13,21 +11,13 @@ from grape_cli.errors import InputError
 from grape_cli.pairs import load_pairs
 from grape_cli.query import Query
 
+from .test_eval import jsonl, write
+
 
 def image(path, size=(8, 6)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, (200, 30, 30)).save(path)
     return path
-
-
-def write(path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def jsonl(path, records):
-    return write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def test_jsonl_reference_image_is_relative_to_the_pairs_file(tmp_path):

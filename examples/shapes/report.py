@@ -321,6 +321,16 @@ def compose_lines(work: Path, results: dict, clip) -> list[str]:
                     )
                     + " |"
                 )
+        lines += ["", "Wrong values among the attributes read off the image, by attribute:", ""]
+        lines += [
+            "| phrasings | " + " | ".join(ATTRIBUTES) + " |",
+            "|---|" + "---|" * len(ATTRIBUTES),
+        ]
+        for phrasing, rep in reading.items():
+            wrong = rep["read_off_image_wrong"]
+            lines.append(
+                f"| {phrasing} | " + " | ".join(f"{wrong[a]:.0%}" for a in ATTRIBUTES) + " |"
+            )
         lines.append("")
     (work / "summary-compose.json").write_text(json.dumps(summary, indent=1))
     return lines

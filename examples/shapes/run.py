@@ -165,7 +165,8 @@ def run_compose(work: Path, cfg: dict, seed: int, quick: bool, timer, results: d
     with timer("compose pairs + base VLM"):
         pairs = write_compose_pairs(work / "corpus", work / "pairs", scenes, train, held, seed)
         base = train_base_vlm(
-            work / "rewriter-vlm-base", scenes, train, work / "corpus", seed=seed,
+            work / "rewriter-vlm-base", scenes, train, work / "rewriter-base", work / "corpus",
+            seed=seed,
             steps=cfg["vlm_sft_steps"], quick=quick, log=log,
         )  # fmt: skip
     runs = {r: work / "runs" / f"compose-{r}" for r in COMPOSE_REWARDS}
