@@ -262,6 +262,17 @@ def _loss(model, tokenizer, pairs: list[tuple[list[int], list[int]]]):
     ).loss
 
 
+def warmup_cosine(steps: int, warmup: int):
+    """The learning-rate factor at each step: linear warmup, then cosine decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
 def train_base_rewriter(
     out_dir,
     scenes_train: list[Scene],
@@ -296,12 +307,7 @@ def train_base_rewriter(
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
 
-    def lr_at(step: int) -> float:  # linear warmup, cosine decay to zero
-        if step < WARMUP:
-            return (step + 1) / WARMUP
-        return 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / max(1, steps - WARMUP)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, WARMUP))
     prompts: dict[str, list[int]] = {}
     ema = None
     for step in range(steps):

@@ -41,14 +41,13 @@ trains on the default world's training targets and prints held-out reading stati
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import Counter
 from pathlib import Path
 
 from examples.shapes.rewriter import ARCH as TEXT_ARCH
-from examples.shapes.rewriter import base_caption, word_usage
+from examples.shapes.rewriter import base_caption, warmup_cosine, word_usage
 from examples.shapes.world import (
     ATTRIBUTES,
     PHRASINGS,
@@ -264,12 +263,7 @@ def train_base_vlm(
     ]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.01)
 
-    def lr_at(step: int) -> float:  # linear warmup, cosine decay to zero
-        if step < WARMUP:
-            return (step + 1) / WARMUP
-        return 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / max(1, steps - WARMUP)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, WARMUP))
     ema = None
     for step in range(steps):
         items = []
