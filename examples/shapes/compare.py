@@ -17,15 +17,17 @@ METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
 
 def table(results: dict) -> dict[tuple[str, str, str], float]:
     """{(shift, rewriter name, metric): value} from one run's results.json."""
-    names = {**results.get("names", {}), **results.get("compose_names", {})}
+    # The composed shift names its rows apart: there `none` is the blend baseline.
+    names = {"": results.get("names", {}), "compose": results.get("compose_names", {})}
     out = {
         (shift, "retriever", m): float(v[m])
         for shift, v in results.get("retriever", {}).items()
         for m in ("recall@1", "recall@10")
     }
     for shift, report in results["eval"].items():
+        shift_names = names["compose" if shift.startswith("compose") else ""]
         for row in report["rows"]:
-            name = names.get(row["rewriter"], row["rewriter"])
+            name = shift_names.get(row["rewriter"], row["rewriter"])
             for m in METRICS:
                 out[shift, name, m] = float(row["metrics"][m])
     return out
