@@ -49,7 +49,7 @@ FULL = {
     "eval_every": 50,
     "comprehension_scenes": 400,
     "vlm_sft_steps": None,
-    "compose_grpo_steps": 200,
+    "compose_grpo_steps": 400,
 }
 QUICK = {
     "scenes": 160,
