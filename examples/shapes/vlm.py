@@ -179,7 +179,7 @@ def _pixels(processor, images: dict) -> dict[str, tuple]:
 
 
 def pretrain_vision(model, processor, held_out: list[Scene], steps: int, rng, n_scenes: int,
-                    log=print) -> float:  # fmt: skip
+                    log=print) -> dict[str, float]:  # fmt: skip
     """Train the vision tower and its merger to name the attributes of images: one linear
     head per attribute on each image token. The images are `n_scenes` fresh renders of
     scenes whose attributes are no held-out target's (`held_out`). Returns the accuracy
