@@ -303,7 +303,8 @@ def train_base_vlm(
     model.train()
     torch.manual_seed(seed)
     vision_steps = 10 if quick else VISION_STEPS
-    held_out = [s for s in scenes if s.combo not in {t.combo for t in train_targets}]
+    seen = {t.combo for t in train_targets}
+    held_out = [s for s in scenes if s.combo not in seen]
     n_scenes = 200 if quick else VISION_SCENES
     vision_acc = pretrain_vision(model, processor, held_out, vision_steps, rng, n_scenes, log)
     log(
