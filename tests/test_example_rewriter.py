@@ -91,7 +91,7 @@ def test_quick_base_rewriter_loads_and_generates_one_line(tmp_path):
     model, tokenizer = load_causal_lm(str(folder), device="cpu")
     assert tokenizer.eos_token == "<|im_end|>"
     query = world.query_zh(train[0], random.Random(0))
-    prompt = render_prompt(tokenizer, PromptTemplate(), query)
+    prompt = render_prompt(tokenizer, rewriter.PROMPT, query)
     assert query in tokenizer.decode(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
@@ -114,14 +114,16 @@ def test_quick_base_vlm_reads_a_composed_query_through_grapes_loader(tmp_path):
     # Built on the text rewriter: before any image is seen it rewrites text as that does.
     vlm.build_on_text_model(tmp_path / "on-text", text)
     queries = [world.query_zh(s, random.Random(0)) for s in held[:3]]
-    assert load_rewriter(str(tmp_path / "on-text"), prompt=PromptTemplate()).rewrite(
+    text_prompt = rewriter.PROMPT
+    assert load_rewriter(str(tmp_path / "on-text"), prompt=text_prompt).rewrite(
         queries
-    ) == load_rewriter(str(text)).rewrite(queries)
+    ) == load_rewriter(str(text), prompt=text_prompt).rewrite(queries)
     folder = vlm.train_base_vlm(tmp_path / "vlm", scenes, train, text, **quiet)
     assert json.loads((folder / "base_vlm.json").read_text())["steps"] == vlm.QUICK_STEPS
-    model = load_rewriter(str(folder), device="cpu")
-    assert isinstance(model, VLMRewriter)  # the default VLM prompt, as training used
-    assert model.prompt == PromptTemplate.default(vision=True)
+    model = load_rewriter(str(folder), device="cpu", prompt=vlm.PROMPT)
+    assert isinstance(model, VLMRewriter)  # the example's VLM prompt, as training used
+    # Without a prompt file a VLM folder gets grape's default vision prompt.
+    assert load_rewriter(str(folder)).prompt == PromptTemplate.default(vision=True)
     ref = tmp_path / held[0].file
     world.render_scene(held[0], random.Random(0)).save(ref)
     ((caption,),) = model.rewrite([Query("和这张一样，但是换成红色", str(ref))])

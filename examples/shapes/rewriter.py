@@ -5,7 +5,8 @@ Before GRPO, GRAPE starts from an instruction-tuned LLM that already knows the t
 trained on. We cannot download one here, so `train_base_rewriter` builds that starting
 point: a 1.6M-parameter Qwen2-architecture LM, supervised on the training scenes'
 Chinese, long rambling English and short English queries, prompted exactly as grape
-prompts (`render_prompt` with the default `PromptTemplate`, then target, `<|im_end|>`).
+prompts it (`render_prompt` with the example's one-line `PROMPT`, which the example hands
+every grape command as `--prompt-file`; then target, `<|im_end|>`).
 
 Its targets imitate an LLM's own house style, so its imperfection is realistic and known:
 
@@ -105,6 +106,12 @@ SYNONYMS: dict[str, list[str]] = {
     "bottom": ["in the lower part", "near the lower edge"],
     "center": ["in the middle", "in the centre"],
 }
+# The example's prompt, which every grape command of the example gets with
+# `--prompt-file` (run.py writes it to the work folder). grape's default system message
+# is 74 tokens, 90% of a Chinese query's prompt and 45% of a long one's: a GRPO step
+# runs them forwards and backwards for each of its 64 completions, and a model trained
+# from scratch learns nothing from a longer constant prefix.
+PROMPT = PromptTemplate(system="Rewrite the image search query as one short English caption.")
 # Values the base LLM already names as the retriever does: not every word is wrong.
 NATURAL = {"triangle", "star", "white", "black", "left", "right"}
 assert set(SYNONYMS) == {*SHAPES, *COLORS, *SIZES, *POSITIONS}, "world vocabulary changed"
@@ -216,7 +223,7 @@ def _tokenizer_corpus(scenes: list[Scene], rng: random.Random) -> list[str]:
     # Without it the model confused the two in 9 of 10 Chinese queries after 1,000 steps.
     words = [c + "背景" for c in ZH_COLORS.values()] + words
     cut = re.compile("(" + "|".join(map(re.escape, words)) + ")")
-    corpus = [PromptTemplate().system] * 20
+    corpus = [PROMPT.system] * 20
     for sc in scenes:
         corpus += [p for p in cut.split(query_zh(sc, rng)) if p]
         corpus += [query_long(sc, rng), caption_en(sc, rng), base_caption(sc, rng)]
@@ -227,7 +234,7 @@ def _tokenizer_corpus(scenes: list[Scene], rng: random.Random) -> list[str]:
 def _encode(tokenizer, prompts: dict[str, list[int]], query: str, target: str):
     """Prompt ids exactly as grape renders them, then target ids and EOS."""
     if query not in prompts:
-        text = render_prompt(tokenizer, PromptTemplate(), query)
+        text = render_prompt(tokenizer, PROMPT, query)
         prompts[query] = tokenizer(text, add_special_tokens=False)["input_ids"]
     answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompts[query], answer
@@ -469,7 +476,7 @@ def usage_report(
         mixups = 0
         examples = []
         for i in range(0, len(scenes), 32):
-            batch = [render_prompt(tokenizer, PromptTemplate(), q) for q in queries[i : i + 32]]
+            batch = [render_prompt(tokenizer, PROMPT, q) for q in queries[i : i + 32]]
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
             n = enc["input_ids"].shape[1]
             with torch.no_grad():

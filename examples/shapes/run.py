@@ -142,10 +142,23 @@ class Timer:
         return _Stage()
 
 
-def train_args(pairs, work: Path, base, reward: str, steps: int, cfg: dict, seed, out) -> list:
+def prompt_file(work: Path, kind: str) -> Path:
+    """The example's prompt for its text or its vision rewriters, as a `--prompt-file`."""
+    from examples.shapes.rewriter import PROMPT
+    from examples.shapes.vlm import PROMPT as VISION_PROMPT
+
+    path = work / f"prompt-{kind}.json"
+    prompt = {"text": PROMPT, "vision": VISION_PROMPT}[kind]
+    path.write_text(json.dumps(prompt.to_dict(), indent=1), encoding="utf-8")
+    return path
+
+
+def train_args(pairs, work: Path, base, reward: str, steps: int, cfg: dict, seed, out,
+               kind: str = "text") -> list:  # fmt: skip
     """`grape train` arguments for one GRPO run of the example."""
     return [
         "train", pairs, "--index", work / "index", "--base-model", base, "--reward", reward,
+        "--prompt-file", prompt_file(work, kind),
         "--steps", steps, "--group-size", cfg["group_size"],
         "--queries-per-step", cfg["queries_per_step"], "--learning-rate", cfg["learning_rate"],
         "--beta", cfg["beta"], "--eval-every", cfg["eval_every"], "--seed", seed, "--out", out,
@@ -174,7 +187,7 @@ def run_compose(work: Path, cfg: dict, seed: int, quick: bool, timer, results: d
         steps = cfg["compose_grpo_steps"]
         jobs = {
             f"compose-{r}": train_args(
-                pairs["train-compose"], work, base, r, steps, cfg, seed, runs[r]
+                pairs["train-compose"], work, base, r, steps, cfg, seed, runs[r], "vision"
             )
             for r in COMPOSE_REWARDS
         }
@@ -186,7 +199,8 @@ def run_compose(work: Path, cfg: dict, seed: int, quick: bool, timer, results: d
         (work / "eval").mkdir(exist_ok=True)
         for shift in COMPOSE_SHIFTS:
             per_query = work / "eval" / f"per-query-{shift}.jsonl"
-            args = [pairs[f"heldout-{shift}"], "--index", work / "index", "--per-query", per_query]
+            args = [pairs[f"heldout-{shift}"], "--index", work / "index", "--per-query", per_query,
+                    "--prompt-file", prompt_file(work, "vision")]  # fmt: skip
             for r in ["none", base, *(runs[r] for r in COMPOSE_REWARDS)]:
                 args += ["--rewriter", r]
             results.setdefault("eval", {})[shift] = grape("eval", *args)
@@ -316,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
                 work / "index",
                 "--per-query",
                 work / "eval" / f"per-query-{shift}.jsonl",
+                "--prompt-file",
+                prompt_file(work, "text"),
             ]
             for r in rewriters:
                 args += ["--rewriter", r]
