@@ -325,7 +325,6 @@ def train_base_vlm(
     rng = random.Random(seed)
     steps = steps if steps is not None else (QUICK_STEPS if quick else STEPS)
     near = neighbours(scenes)
-    prompt = PROMPT
 
     def example(target: Scene) -> tuple[Composed, str] | None:
         lang = "zh" if rng.random() < P_ZH else "en"
@@ -344,7 +343,7 @@ def train_base_vlm(
     vision_acc, name_loss = pretrain_vision(
         model, processor, held_out, vision_steps, rng, n_scenes, log
     )
-    pixels = _pixels(processor, images) if NAME_WEIGHT else {}
+    pixels = _pixels(processor, images)
     log(
         f"base VLM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
         f"({sum(p.numel() for p in model.model.visual.parameters()) / 1e6:.2f}M vision), "
@@ -365,14 +364,11 @@ def train_base_vlm(
         while len(items) < BATCH:
             if (e := example(rng.choice(train_targets))) is not None:
                 items.append(e)
-        loss = model(**_batch(processor, prompt, items, images)).loss
-        if NAME_WEIGHT:
-            refs = [c.reference for c, _ in items]
-            pv = torch.cat([pixels[r.file][0] for r in refs])
-            grid = torch.cat([pixels[r.file][1] for r in refs])
-            (loss + NAME_WEIGHT * name_loss(pv, grid, refs)).backward()
-        else:
-            loss.backward()
+        loss = model(**_batch(processor, PROMPT, items, images)).loss
+        refs = [c.reference for c, _ in items]
+        pv = torch.cat([pixels[r.file][0] for r in refs])
+        grid = torch.cat([pixels[r.file][1] for r in refs])
+        (loss + NAME_WEIGHT * name_loss(pv, grid, refs)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
