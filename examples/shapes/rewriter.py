@@ -27,6 +27,15 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   queries, and the background dropped in 81%). Reading the description without its
   fillers first (`CLAUSES_UNTIL`) cut wrong shapes from 84% to 25% of long inputs, not
   the mix-ups. `usage_report` and the example's RESULTS.md measure it on every run.
+  What it learns is a bag of colours: it names the two colours a long query gives, then
+  assigns them by the pair, not by the clauses. Given "It was {a}. The whole background
+  was {b}." for 64 colour pairs, then the same with a and b swapped, it gave the object
+  the same colour both times in 53 of 64 pairs. Neither depth nor time changed that
+  (200 held-out long queries; both colours right / object given the background's):
+  2 layers at 3,000 steps 31 / 95 of 200, 3 layers 104 / 93, 6,000 steps 101 / 88, and
+  long clauses alone from the start (no Chinese first, no fillers; asked without) 51 / 110:
+  swapped, 60 of 64 the same. Chinese escapes it through its tokenizer: "红色背景" is one
+  token (`_tokenizer_corpus`). RoPE is in place: word order does change the hidden states.
 
 GRPO can only amplify what the policy already samples (measured while building this
 example: with the right word in none of the supervised targets, GRPO went nowhere; with
