@@ -36,6 +36,12 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   long clauses alone from the start (no Chinese first, no fillers; asked without) 51 / 110:
   swapped, 60 of 64 the same. Chinese escapes it through its tokenizer: "红色背景" is one
   token (`_tokenizer_corpus`). RoPE is in place: word order does change the hidden states.
+  The curriculum is what keeps it from binding: trained on English captions alone, the
+  same model binds (swap test 128 of 128 right). English captions for the first 20% of
+  steps, then Chinese, then the mix: the swap test is right 128 of 128, Chinese still 0%
+  mix-ups, held-out long colour wrong 62% -> 40% and background 81% -> 47%, but the two
+  colours come out the same more often and Chinese in unseen phrasings mixes up 50%
+  (16% now). Not adopted: the next step, to be measured with a whole run.
 
 GRPO can only amplify what the policy already samples (measured while building this
 example: with the right word in none of the supervised targets, GRPO went nowhere; with
