@@ -22,26 +22,23 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   often for long inputs as for short ones (`P_DROP`).
 - It reads long inputs worse than Chinese ones, though not by design: in about half of
   held-out long queries it gives the object the background's colour or the other way
-  round (Chinese: 0-2%). A 2-layer, 1.6M-parameter model does not learn to bind a
-  colour word to the clause around it at this budget (0.1.0's model: 47% on the same
-  queries, and the background dropped in 81%). Reading the description without its
-  fillers first (`CLAUSES_UNTIL`) cut wrong shapes from 84% to 25% of long inputs, not
-  the mix-ups. `usage_report` and the example's RESULTS.md measure it on every run.
-  What it learns is a bag of colours: it names the two colours a long query gives, then
-  assigns them by the pair, not by the clauses. Given "It was {a}. The whole background
-  was {b}." for 64 colour pairs, then the same with a and b swapped, it gave the object
-  the same colour both times in 53 of 64 pairs. Neither depth nor time changed that
-  (200 held-out long queries; both colours right / object given the background's):
-  2 layers at 3,000 steps 31 / 95 of 200, 3 layers 104 / 93, 6,000 steps 101 / 88, and
-  long clauses alone from the start (no Chinese first, no fillers; asked without) 51 / 110:
-  swapped, 60 of 64 the same. Chinese escapes it through its tokenizer: "红色背景" is one
-  token (`_tokenizer_corpus`). RoPE is in place: word order does change the hidden states.
-  The curriculum is what keeps it from binding: trained on English captions alone, the
-  same model binds (swap test 128 of 128 right). English captions for the first 20% of
-  steps, then Chinese, then the mix: the swap test is right 128 of 128, Chinese 0.5%
-  mix-ups, held-out long colour wrong 62% -> 40% and background 81% -> 47%, but the two
-  colours come out the same more often and Chinese in unseen phrasings mixes up 50%
-  (16% now). Not adopted: the next step, to be measured with a whole run.
+  round (Chinese: 0-2%; 0.1.0's model: 47%). It learns a bag of colours: it names the
+  two colours a query gives, then assigns them by the pair, not by the clause. Given
+  "It was {a}. The whole background was {b}." for 64 colour pairs and again with a and
+  b swapped, it gave the object the same colour both times in 53 of 64. Chinese escapes
+  this through its tokenizer ("红色背景" is one token, `_tokenizer_corpus`). Reading the
+  description without its fillers first (`CLAUSES_UNTIL`) cut wrong shapes from 84% to
+  25% of long inputs, not the mix-ups. `usage_report` and RESULTS.md measure it on
+  every run.
+  The mix of inputs, not the model's size, keeps it from binding (200 held-out long
+  queries; both colours right / object given the background's): 2 layers, 3,000 steps
+  31 / 95; 3 layers 104 / 93; 6,000 steps 101 / 88; long clauses alone from the start
+  51 / 110 (swap test: 60 of 64 the same). Trained on English captions alone, the same
+  model binds (swap test 128 of 128 right). English captions for the first 20% of
+  steps, then Chinese, then the mix: swap test 128 of 128, Chinese 0.5% mix-ups, long
+  colour wrong 62% -> 40% and background 81% -> 47%, but the two colours come out the
+  same more often and Chinese in unseen phrasings mixes up 50% (16% now). Not adopted:
+  the next step, to be measured with a whole run.
 
 GRPO can only amplify what the policy already samples (measured while building this
 example: with the right word in none of the supervised targets, GRPO went nowhere; with
