@@ -64,6 +64,11 @@ def test_colour_mixup_and_hedging_read_captions():
     assert rewriter.hedges("a small red or orange square, blue background")
     assert rewriter.hedges("a small red square box circle")
     assert rewriter.hedges("a small big red square")
+    # one colour for the object and the background: a hedge across the two
+    assert rewriter.one_colour_twice("a small yellow heart at the top, yellow background")
+    assert rewriter.one_colour_twice("a golden box, against a lemon backdrop")
+    assert not rewriter.one_colour_twice("a small yellow heart at the top, blue background")
+    assert not rewriter.one_colour_twice("a small yellow heart at the top")
 
 
 def test_base_targets_drop_as_often_for_long_inputs():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from examples.shapes.rewriter import hedges
+from examples.shapes.rewriter import hedges, one_colour_twice
 from examples.shapes.world import ATTRIBUTES
 
 ROWS = ("none", "base", "grpo-similarity", "grpo-rank", "grpo-rank-top")
@@ -71,6 +71,7 @@ def heldout_inflation(per_query: Path, spec: str, index_dir: Path, clip) -> dict
     out = inflation(score_targets(q, corpus, targets), q, ref)
     out["clean"] = clean_fraction(texts, clip)
     out["hedging"] = float(np.mean([hedges(t) for t in texts])) if texts else 0.0
+    out["one_colour_twice"] = float(np.mean([one_colour_twice(t) for t in texts])) if texts else 0.0
     return out
 
 
@@ -113,8 +114,8 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
             f"## Held-out `{shift}` queries ({report['n_evaluated']} pairs)",
             "",
             "| rewriter | R@1 | R@5 | R@10 | MRR | median rank | gap closure R@10 "
-            "| R@1 - oracle | clean rewrites | hedging | rewrite ms/query |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| R@1 - oracle | clean rewrites | hedging | one colour twice | rewrite ms/query |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name in ROWS:
             r = rows[name]
@@ -124,16 +125,17 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
             infl.setdefault(name, {})[shift] = stats
             summary.setdefault(name, {})[shift] = {**m, "closure": gap, **stats}
             hedging = "-" if name == "none" else f"{stats['hedging']:.0%}"
+            twice = "-" if name == "none" else f"{stats['one_colour_twice']:.0%}"
             lines.append(
                 f"| {name} | {_fmt(m['recall@1'])} | {_fmt(m['recall@5'])} "
                 f"| {_fmt(m['recall@10'])} | {_fmt(m['mrr'])} | {m['median_rank']:.0f} "
                 f"| {_fmt(gap, 2)} | {m['recall@1'] - oracle['recall@1']:+.3f} "
-                f"| {stats['clean']:.0%} | {hedging} | {r['rewrite_ms_per_query']:.1f} |"
+                f"| {stats['clean']:.0%} | {hedging} | {twice} | {r['rewrite_ms_per_query']:.1f} |"
             )
         lines.append(
             f"| en (oracle) | {_fmt(oracle['recall@1'])} | {_fmt(oracle['recall@5'])} "
             f"| {_fmt(oracle['recall@10'])} | {_fmt(oracle['mrr'])} "
-            f"| {oracle['median_rank']:.0f} | 1.00 | +0.000 | - | - | - |"
+            f"| {oracle['median_rank']:.0f} | 1.00 | +0.000 | - | - | - | - |"
         )
         lines.append("")
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -142,16 +144,21 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
         "## Rewards side by side",
         "",
         "GRPO gap closure at R@10 and R@1 (held-out pairs; `-unseen`: phrasings no training "
-        "data used). Hedging: share of rewrites naming more than one value for one attribute.",
+        "data used). Hedging: share of rewrites naming more than one value for one attribute. "
+        "One colour twice: share giving the object and the background the same colour, which "
+        "no scene has (a hedge across the two).",
         "",
-        "| reward | " + " | ".join(f"{s} closure / R@1" for s in SHIFTS) + " | hedging |",
-        "|---|" + "---|" * (len(SHIFTS) + 1),
+        "| reward | "
+        + " | ".join(f"{s} closure / R@1" for s in SHIFTS)
+        + " | hedging | one colour twice |",
+        "|---|" + "---|" * (len(SHIFTS) + 2),
     ]
     for reward in REWARDS:
         row = summary[f"grpo-{reward}"]
         cells = [f"{_fmt(row[s]['closure'], 2)} / {_fmt(row[s]['recall@1'])}" for s in SHIFTS]
         hedge = np.mean([row[s]["hedging"] for s in SHIFTS])
-        lines.append(f"| {reward} | " + " | ".join(cells) + f" | {hedge:.1%} |")
+        twice = np.mean([row[s]["one_colour_twice"] for s in SHIFTS])
+        lines.append(f"| {reward} | " + " | ".join(cells) + f" | {hedge:.1%} | {twice:.1%} |")
     lines.append("")
 
     lines += [
@@ -264,8 +271,8 @@ def compose_lines(work: Path, results: dict, clip) -> list[str]:
             "Gap closure: R@10 between the best baseline (image, text or blend) and the oracle.",
             "",
             "| rewriter | R@1 | R@5 | R@10 | MRR | median rank | gap closure R@10 "
-            "| clean rewrites | hedging | rewrite ms/query |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| clean rewrites | hedging | one colour twice | rewrite ms/query |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name in COMPOSE_ROWS:
             r = rows[name]
@@ -277,15 +284,17 @@ def compose_lines(work: Path, results: dict, clip) -> list[str]:
             summary.setdefault(name, {})[shift] = {**m, "closure": gap, **stats}
             clean = f"{stats['clean']:.0%}" if stats else "-"
             hedge = f"{stats['hedging']:.0%}" if stats else "-"
+            twice = f"{stats['one_colour_twice']:.0%}" if stats else "-"
             lines.append(
                 f"| {name} | {_fmt(m['recall@1'])} | {_fmt(m['recall@5'])} "
                 f"| {_fmt(m['recall@10'])} | {_fmt(m['mrr'])} | {m['median_rank']:.0f} "
-                f"| {_fmt(gap, 2)} | {clean} | {hedge} | {r['rewrite_ms_per_query']:.1f} |"
+                f"| {_fmt(gap, 2)} | {clean} | {hedge} | {twice} "
+                f"| {r['rewrite_ms_per_query']:.1f} |"
             )
         lines += [
             f"| oracle (target caption) | {_fmt(oracle['recall@1'])} "
             f"| {_fmt(oracle['recall@5'])} | {_fmt(oracle['recall@10'])} "
-            f"| {_fmt(oracle['mrr'])} | {oracle['median_rank']:.0f} | 1.00 | - | - | - |",
+            f"| {_fmt(oracle['mrr'])} | {oracle['median_rank']:.0f} | 1.00 | - | - | - | - |",
             "",
         ]
     lines += [

@@ -3,7 +3,7 @@
 Before GRPO, GRAPE starts from an instruction-tuned LLM that already knows the task
 (turn any query into a short English caption) but not the words *this* retriever was
 trained on. We cannot download one here, so `train_base_rewriter` builds that starting
-point: a 1.6M-parameter Qwen2-architecture LM, supervised on the training scenes'
+point: a 2.2M-parameter Qwen2-architecture LM, supervised on the training scenes'
 Chinese, long rambling English and short English queries, prompted exactly as grape
 prompts it (`render_prompt` with the example's one-line `PROMPT`, which the example hands
 every grape command as `--prompt-file`; then target, `<|im_end|>`).
@@ -20,25 +20,29 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   backdrop"), none of them the retriever's.
 - It drops details: size, position or background are left out of some targets, as
   often for long inputs as for short ones (`P_DROP`).
-- It reads long inputs worse than Chinese ones, though not by design: in about half of
-  held-out long queries it gives the object the background's colour or the other way
-  round (Chinese: 0-2%; 0.1.0's model: 47%). It learns a bag of colours: it names the
-  two colours a query gives, then assigns them by the pair, not by the clause. Given
-  "It was {a}. The whole background was {b}." for 64 colour pairs and again with a and
-  b swapped, it gave the object the same colour both times in 53 of 64. Chinese escapes
+- It reads long inputs worse than Chinese ones, though not by design. With two layers
+  it gave the object the background's colour or the other way round in about half of
+  held-out long queries (Chinese: 0-2%): it learned a bag of colours, naming the two
+  colours a query gives and assigning them by the pair, not by the clause. Given "It
+  was {a}. The whole background was {b}." for 64 colour pairs and again with a and b
+  swapped, it gave the object the same colour both times in 53 of 64. Chinese escapes
   this through its tokenizer ("红色背景" is one token, `_tokenizer_corpus`). Reading the
-  description without its fillers first (`CLAUSES_UNTIL`) cut wrong shapes from 84% to
-  25% of long inputs, not the mix-ups. `usage_report` and RESULTS.md measure it on
-  every run.
-  The mix of inputs, not the model's size, keeps it from binding (200 held-out long
-  queries; both colours right / object given the background's): 2 layers, 3,000 steps
-  31 / 95; 3 layers 104 / 93; 6,000 steps 101 / 88; long clauses alone from the start
-  51 / 110 (swap test: 60 of 64 the same). Trained on English captions alone, the same
-  model binds (swap test 128 of 128 right). English captions for the first 20% of
-  steps, then Chinese, then the mix: swap test 128 of 128, Chinese 0.5% mix-ups, long
-  colour wrong 62% -> 40% and background 81% -> 47%, but the two colours come out the
-  same more often and Chinese in unseen phrasings mixes up 50% (16% now). Not adopted:
-  the next step, to be measured with a whole run.
+  description without its fillers first (the "clauses" phase of `CURRICULUM`) cut wrong
+  shapes from 84% to 25% of long inputs, not the mix-ups. `usage_report` and
+  RESULTS.md measure it on every run.
+  What was tried (200 held-out long queries, 3,000 steps; both colours right / object
+  given the background's colour): 2 layers 31 / 95; 6,000 steps 101 / 88; long clauses
+  alone from the start 51 / 110; **3 layers 104 / 93**. English captions alone bind
+  (swap test 128 of 128 right) but curricula that start with them broke Chinese:
+  English 20% then Chinese then the mix, Chinese unseen phrasings 50% mix-ups (16%
+  with 2 layers); English 20% then Chinese and English then the mix, Chinese seen
+  background 72% wrong; Chinese and English together first, every colour 57-81% wrong.
+  Three layers it is: on the same world, one `rank-top` GRPO run of the example's
+  settings from each base (one process) reached held-out R@1 / R@10 long .320 / .600
+  against .092 / .427, long-unseen .117 / .295 against .040 / .180, zh-unseen .752 /
+  .895 against .512 / .743, zh .828 / .927 against .897 / .978; and it named one colour
+  for both object and background (which no scene has, `one_colour_twice`) in 23% of
+  long rewrites against 60%. The cost: ~1.5x the supervised and GRPO time.
 
 GRPO can only amplify what the policy already samples (measured while building this
 example: with the right word in none of the supervised targets, GRPO went nowhere; with
@@ -136,26 +140,40 @@ P_VARIANT = 0.25  # among synonyms, the rarer variants
 # LLM reads a rambling paragraph as well as a short one (0.1.0's example dropped the
 # background of 55% of long inputs by design, 91% in practice; real LLMs do not).
 P_DROP = {"size": 0.25, "position": 0.1, "background": 0.15}
-# After the Chinese-only start (ZH_FIRST). Long inputs are the hardest and the costliest
-# (~3.4x a short step), and still only partly learned: see the module docstring.
+# What the supervised batches are made of, phase by phase: (until this fraction of the
+# steps, input kind -> share of batches). One input kind per batch, so short batches are
+# not padded to a long query.
+# - Chinese alone first: its words are never output words and a background colour is one
+#   token, so the model learns to look attributes up within ~300 steps; with English
+#   mixed in from the start it often had not after 1,000 (measured).
+# - Long inputs first without their fillers ("clauses"): the model learns to read the
+#   description before it learns to skip the rambling around it. Measured on 200
+#   held-out scenes, 3,000 steps: long-input shape wrong 25% with it, 84% without;
+#   colour mix-ups 46% and 45%.
+# - Long inputs are the hardest and the costliest (~3.4x a short step), and still only
+#   partly learned: see the module docstring.
 INPUT_MIX = {"zh": 0.16, "long": 0.6, "en": 0.24}
-ZH_FIRST = 0.2  # fraction of steps on Chinese inputs only
-# Before this fraction of steps, long inputs come without their fillers: the model learns
-# to read the description before it learns to skip the rambling around it. Measured on
-# 200 held-out scenes, 3,000 steps: long-input shape wrong 25% with it, 84% without;
-# colour mix-ups 46% and 45%.
-CLAUSES_UNTIL = 0.5
+CURRICULUM: list[tuple[float, dict[str, float]]] = [
+    (0.2, {"zh": 1.0}),
+    (0.5, {"zh": 0.16, "clauses": 0.6, "en": 0.24}),
+    (1.0, INPUT_MIX),
+]
+# Long batches as minimal pairs: each query beside a twin from another training scene
+# whose object and background colours are the other way round, written with the same
+# draws (clause order, templates, fillers, target wording).
+TWINS = False
 
-# 1.6M parameters. Width mattered more than depth: at hidden 128 (2 or 4 layers) the
-# model had not begun to read the query after 600 steps; at 256 it had by ~300. Four
-# layers at 256 read worse after the same 3,000 steps (colour mix-ups in held-out long
-# queries 81% of 200, against two layers' 42% of 400; Chinese 15% against 1%). A GRPO
-# step's sampling (64 completions x 24 tokens) takes ~0.2 s for Chinese prompts, ~0.4 s
-# for long ones, on 2 cores.
+# 2.2M parameters. Width mattered more than depth at first: at hidden 128 (2 or 4
+# layers) the model had not begun to read the query after 600 steps; at 256 it had by
+# ~300. Four layers at 256 read worse after the same 3,000 steps (colour mix-ups in
+# held-out long queries 81% of 200; Chinese 15%). Three layers bind a long query's
+# colours to the object and the background that two could not (module docstring) and
+# are what GRPO's long-query results rest on. A GRPO step's sampling (64 completions x
+# 24 tokens) takes ~0.3 s for Chinese prompts, ~0.6 s for long ones, on 2 cores.
 ARCH = {
     "hidden_size": 256,
     "intermediate_size": 512,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 3,
     "num_attention_heads": 8,
     "num_key_value_heads": 8,
 }
@@ -283,6 +301,16 @@ def _loss(model, tokenizer, pairs: list[tuple[list[int], list[int]]]):
     ).loss
 
 
+def _twins(scenes, by_colours, rng: random.Random, kind: str) -> list[tuple[str, str]]:
+    """One example and its twin: colours the other way round, every other draw the same."""
+    scene = rng.choice(scenes)
+    twin = rng.choice(by_colours.get((scene.background, scene.color)) or [scene])
+    state = rng.getstate()
+    twin_example = make_example(twin, rng, kind)
+    rng.setstate(state)
+    return [make_example(scene, rng, kind), twin_example]
+
+
 def warmup_cosine(steps: int, warmup: int):
     """The learning-rate factor at each step: linear warmup, then cosine decay to zero."""
 
@@ -314,7 +342,6 @@ def train_base_rewriter(
     out = Path(out_dir)
     rng = random.Random(seed)
     steps = steps if steps is not None else (QUICK_STEPS if quick else STEPS)
-    kinds, weights = list(INPUT_MIX), list(INPUT_MIX.values())
 
     corpus = _tokenizer_corpus(scenes_train[:200] if quick else scenes_train, rng)
     build_tiny_lm(out, corpus, preset=ARCH, vocab_size=VOCAB, seed=seed)
@@ -329,20 +356,21 @@ def train_base_rewriter(
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, WARMUP))
+    by_colours: dict[tuple[str, str], list[Scene]] = {}
+    for sc in scenes_train:
+        by_colours.setdefault((sc.color, sc.background), []).append(sc)
     prompts: dict[str, list[int]] = {}
     ema = None
     for step in range(steps):
-        # One input kind per batch, so short batches are not padded to a long query.
-        # Chinese alone first: its words are never output words and a background colour
-        # is one token, so the model learns to look attributes up within ~300 steps;
-        # with English mixed in from the start it often had not after 1,000 (measured).
-        kind = rng.choices(kinds, weights)[0] if step >= ZH_FIRST * steps else "zh"
-        if kind == "long" and step < CLAUSES_UNTIL * steps:
-            kind = "clauses"
-        pairs = [
-            _encode(tokenizer, prompts, *make_example(rng.choice(scenes_train), rng, kind))
-            for _ in range(BATCH)
-        ]
+        mix = next(m for until, m in CURRICULUM if step < until * steps)
+        kind = next(iter(mix)) if len(mix) == 1 else rng.choices(list(mix), list(mix.values()))[0]
+        if TWINS and kind in ("long", "clauses"):
+            examples = [
+                ex for _ in range(BATCH // 2) for ex in _twins(scenes_train, by_colours, rng, kind)
+            ]
+        else:
+            examples = [make_example(rng.choice(scenes_train), rng, kind) for _ in range(BATCH)]
+        pairs = [_encode(tokenizer, prompts, *ex) for ex in examples]
         loss = _loss(model, tokenizer, pairs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -457,6 +485,17 @@ def hedges(text: str) -> bool:
         if len(named) > 1:
             return True
     return False
+
+
+def one_colour_twice(text: str) -> bool:
+    """The object and the background given the same colour, which no scene of this world
+    has (`all_combos`): a hedge across two attributes. A policy unsure which of two
+    colours is the object's names one of them for both, and the retriever still ranks a
+    scene with that colour in either place high."""
+    reads = colour_reads(text)
+    return bool(reads["color"] and reads["background"]) and (
+        reads["color"][0] == reads["background"][0]
+    )
 
 
 def usage_report(
