@@ -164,7 +164,11 @@ CURRICULUM: list[tuple[float, dict[str, float]]] = [
 ]
 # Long batches as minimal pairs: each query beside a twin from another training scene
 # whose object and background colours are the other way round, written with the same
-# draws (clause order, templates, fillers, target wording). Off: not yet measured.
+# draws (clause order, templates, fillers, target wording). Measured on the base
+# rewriter alone (3 layers, 200 held-out scenes, against the same without twins): long
+# queries both colours right 117 vs 104, shape wrong 15% vs 27%; unseen Chinese mix-ups
+# 6% vs 18%; unseen long-form position wrong 24% vs 64%; swap test 128 of 128. Off until
+# a whole run measures what GRPO makes of it.
 TWINS = False
 
 # 2.2M parameters. Width mattered more than depth at first: at hidden 128 (2 or 4
