@@ -70,8 +70,8 @@ def heldout_inflation(per_query: Path, spec: str, index_dir: Path, clip) -> dict
     ref = corpus[torch.randperm(len(corpus), generator=torch.Generator().manual_seed(0))[:256]]
     out = inflation(score_targets(q, corpus, targets), q, ref)
     out["clean"] = clean_fraction(texts, clip)
-    out["hedging"] = float(np.mean([hedges(t) for t in texts])) if texts else 0.0
-    out["one_colour_twice"] = float(np.mean([one_colour_twice(t) for t in texts])) if texts else 0.0
+    for key, test in (("hedging", hedges), ("one_colour_twice", one_colour_twice)):
+        out[key] = float(np.mean([test(t) for t in texts])) if texts else 0.0
     return out
 
 

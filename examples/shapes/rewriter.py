@@ -365,13 +365,15 @@ def train_base_rewriter(
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, WARMUP))
-    by_colours: dict[tuple[str, str], list[Scene]] = {}
-    for sc in scenes_train:
+    by_colours: dict[tuple[str, str], list[Scene]] = {}  # twins' lookup, only with TWINS
+    for sc in scenes_train if TWINS else []:
         by_colours.setdefault((sc.color, sc.background), []).append(sc)
     prompts: dict[str, list[int]] = {}
     ema = None
     for step in range(steps):
         mix = next(m for until, m in CURRICULUM if step < until * steps)
+        # A one-kind phase draws nothing: the random stream, and so every weight, stays
+        # what the schedule before CURRICULUM gave.
         kind = next(iter(mix)) if len(mix) == 1 else rng.choices(list(mix), list(mix.values()))[0]
         if TWINS and kind in ("long", "clauses"):
             examples = [
