@@ -43,6 +43,9 @@ FULL = {
     "retriever_steps": 1000,
     "sft_steps": None,
     "grpo_steps": 300,
+    # 8 x 8 completions a step. 16 x 4 (the same compute) was measured worse: rank-top
+    # held-out R@1 / R@10 long .258 / .580 against .320 / .600, zh .755 / .912 against
+    # .828 / .927.
     "group_size": 8,
     "queries_per_step": 8,
     "learning_rate": 1e-4,
