@@ -295,26 +295,6 @@ FILLER = {
         "I think I downloaded it from an old email but the email is gone now.",
         "Sorry for the long message, I have been looking for ages.",
         "It might have been in the folder from my old laptop.",
-        "The file might be a PNG or a JPG, I honestly do not know which one.",
-        "I made it myself in some drawing program a few years ago.",
-        "My sister says she remembers it too but she is no help at all.",
-        "I was going to print it out and put it on the fridge.",
-        "It is for a quiz I am putting together for my class next week.",
-        "I have tried searching for it on my phone as well, no luck there.",
-        "Nobody in my family can find it either, we all looked.",
-        "It was part of a set of pictures I saved all in one go.",
-        "I only need this one picture, not the whole set of them.",
-        "I think I renamed it at some point, which was a big mistake.",
-        "It was made for a birthday card, I am almost sure of that.",
-        "The quality was not great but it will do for what I need.",
-        "I must have moved it when I cleaned up my desktop last month.",
-        "Please help, this would save me a lot of time and stress.",
-        "My teacher used something like it in a lesson once, a long time ago.",
-        "There is probably a copy on the old backup drive too, somewhere.",
-        "We had it pinned on the wall in the office for a while.",
-        "I was sure I had put it in the folder called pictures.",
-        "Let me try to describe it as well as I can from memory.",
-        "It is a bit embarrassing how long I have spent on this already.",
     ],
     "unseen": [
         "This is going to sound silly but I really need that one image back.",
@@ -336,11 +316,6 @@ LONG_CLAUSES = {
             "I keep thinking of the {x} in it",
             "it showed a single {x}",
             "{x} is what it was, I think",
-            "it was a {x}, plain and simple",
-            "the picture had a {x} on it",
-            "the figure was a {x}",
-            "I am almost certain it was a {x}",
-            "the drawing was of a {x}",
         ],
         "color": [
             "it was {x}, kind of a {x} colour I believe",
@@ -348,11 +323,6 @@ LONG_CLAUSES = {
             "it was {x}",
             "the shape itself was coloured {x}",
             "{x}, that was its colour",
-            "it was painted {x}",
-            "the thing itself was {x} all over",
-            "it had a {x} colour",
-            "its colour was {x}, I am pretty sure",
-            "the shape was filled with {x}",
         ],
         "size": [
             "it was pretty {x} compared to the picture",
@@ -360,11 +330,6 @@ LONG_CLAUSES = {
             "I would call it {x}",
             "size-wise it was {x}",
             "{x} compared to the rest of the picture",
-            "it looked {x} to me",
-            "the object was fairly {x}",
-            "in terms of size, {x}",
-            "it was a {x} one, as I recall",
-            "definitely on the {x} end of things",
         ],
         "background": [
             "behind it everything was {x}",
@@ -372,11 +337,6 @@ LONG_CLAUSES = {
             "with a plain {x} background",
             "the backdrop was {x}",
             "{x} in the background",
-            "the background colour was {x}",
-            "it was set on a {x} background",
-            "everything around it was {x}",
-            "the rest of the image, behind it, was {x}",
-            "a {x} backdrop filled the picture",
         ],
     },
     "unseen": {
@@ -404,14 +364,11 @@ LONG_CLAUSES = {
 }
 LONG_POS = {
     "seen": {
-        p: [*ways, f"look at the {p} of the picture", f"the {p} part is where it was"]
-        for p, ways in {
-            "left": ["it sat over on the left side", "it was placed towards the left"],
-            "right": ["it was off to the right", "it was placed towards the right"],
-            "top": ["it was up at the top", "it was near the top of the frame"],
-            "bottom": ["it was down at the bottom", "it was near the bottom of the frame"],
-            "center": ["it was right in the center", "it was placed in the center"],
-        }.items()
+        "left": ["it sat over on the left side", "it was placed towards the left"],
+        "right": ["it was off to the right", "it was placed towards the right"],
+        "top": ["it was up at the top", "it was near the top of the frame"],
+        "bottom": ["it was down at the bottom", "it was near the bottom of the frame"],
+        "center": ["it was right in the center", "it was placed in the center"],
     },
     "unseen": {
         "left": ["you would find it at the left edge"],
@@ -423,35 +380,10 @@ LONG_POS = {
 }
 
 
-# Seen phrasings only: the colour and the shape named in one clause now and then, and
-# hedges after a clause. Unseen ones have neither, so they draw nothing extra and the
-# held-out unseen queries stay what earlier versions of the example measured.
-LONG_COMBINED = {
-    "seen": [
-        "there was one {color} {shape}",
-        "I remember one {color} {shape}",
-        "it is the {color} {shape} I am after",
-        "the {color} {shape} is what I need",
-    ],
-    "unseen": [],
-}
-LONG_HEDGES = {
-    "seen": [", I think", ", if I remember correctly", ", more or less", ", I am fairly certain"],
-    "unseen": [],
-}
-P_COMBINED, P_HEDGE = 0.3, 0.2
-
-
 def _long_clauses(scene: Scene, rng: random.Random, phrasing: str) -> list[str]:
-    clauses, combined, hedges = (t[phrasing] for t in (LONG_CLAUSES, LONG_COMBINED, LONG_HEDGES))
-    merge = bool(combined) and rng.random() < P_COMBINED
-    attrs = [a for a in clauses if not (merge and a in ("shape", "color"))]
-    parts = [rng.choice(clauses[a]).format(x=getattr(scene, a)) for a in attrs]
-    if merge:
-        parts.append(rng.choice(combined).format(color=scene.color, shape=scene.shape))
+    clauses = LONG_CLAUSES[phrasing]
+    parts = [rng.choice(clauses[a]).format(x=getattr(scene, a)) for a in clauses]
     parts.append(rng.choice(LONG_POS[phrasing][scene.position]))
-    if hedges:
-        parts = [p + rng.choice(hedges) if rng.random() < P_HEDGE else p for p in parts]
     rng.shuffle(parts)
     return parts
 
@@ -470,14 +402,6 @@ LONG_STRUCTURES = {
         lambda c, h, t: " ".join([*h, *map(_sentence, c), *t]),
         # Filler, then a colon-led list.
         lambda c, h, t: " ".join([*h, "What I remember: " + "; ".join(c) + ".", *t]),
-        # Filler, then a search request with the clauses run together.
-        lambda c, h, t: " ".join([*h, "I am looking for the one where " + ", ".join(c) + ".", *t]),
-        # Filler, then a dashed list.
-        lambda c, h, t: " ".join([*h, "Details:", *(f"- {x}" for x in c), *t]),
-        # Filler, then the clauses counted off.
-        lambda c, h, t: " ".join(
-            [*h, f"First, {c[0]}.", *(f"Also, {x}." for x in c[1:-1]), f"And {c[-1]}.", *t]
-        ),
     ],
     "unseen": [
         # The description first, the rambling after.
