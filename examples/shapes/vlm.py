@@ -33,6 +33,14 @@ Measured while building it (200 held-out targets, greedy; "wrong" = another valu
 | + the word heads' loss kept while supervised (`NAME_WEIGHT`; this file) | 21% | 33% (shape 57%, position 0%, background 85%) |
 | same, the example's one-line prompt, whole run (400 targets) | 22% | 33% (shape 4%, colour 45%, position 38%, background 83%) |
 
+Measured 2026-12-03 (not kept), on a world built at the example's settings (400 held-out
+targets, seen phrasings; this file as it is: 19% | 21%, shape 6%, colour 11%, background
+88%): the background's head anchored too, to its own word (the Chinese colour + 背景,
+one token) gave 19% | 14% (shape 5%, colour 15%, background 51%); with shape's loss
+weighted x2 or x3, background 84% and 76%. The better reading did not survive GRPO:
+with the `rank` reward, 400 steps, held-out R@10 0.475 (unseen 0.393) against 0.532
+(0.440) from this file's base VLM on the same world.
+
 The vision tower alone, heads on each token, 1,200 steps, accuracy on renders of
 held-out scenes: with 16 tokens (8-pixel patches merged 2x2) shape 17% and position
 17%, chance (Qwen2-VL's vision tower has rotary positions only: a token cannot tell
