@@ -33,7 +33,16 @@ CAPTIONS = [
 ]
 
 
-def build_world(root: Path, n_images: int, clip_preset: str, lm_preset: str, seed: int = 0):
+def build_world(
+    root: Path,
+    n_images: int,
+    clip_preset: str,
+    lm_preset: str | dict,
+    seed: int = 0,
+    queries: list[str] = CAPTIONS,
+):
+    """A random index of `n_images`, a tiny LM whose tokenizer saw `queries`, and 200
+    pairs asking them (in turn) for images of the index."""
     import numpy as np
 
     from grape_cli.models import canonical_clip_spec
@@ -43,7 +52,7 @@ def build_world(root: Path, n_images: int, clip_preset: str, lm_preset: str, see
 
     clip = build_tiny_clip(root / "clip", clip_preset, seed=seed)
     # The tokenizer sees the system prompt, as the bundled example's does, so prompts are short.
-    texts = [PromptTemplate().system] * 20 + CAPTIONS * 5
+    texts = [PromptTemplate().system] * 20 + CAPTIONS * 5 + queries
     lm = build_tiny_lm(root / "lm", texts, preset=lm_preset, vocab_size=2500, seed=seed)
 
     dim = CLIP_PRESETS[clip_preset]["embed_dim"]
@@ -63,7 +72,7 @@ def build_world(root: Path, n_images: int, clip_preset: str, lm_preset: str, see
     )  # fmt: skip
     with open(root / "pairs.jsonl", "w") as f:
         for i in range(200):
-            f.write(json.dumps({"query": CAPTIONS[i % len(CAPTIONS)], "target": paths[i * 37]}))
+            f.write(json.dumps({"query": queries[i % len(queries)], "target": paths[i * 37]}))
             f.write("\n")
     return root / "index", lm, root / "pairs.jsonl"
 

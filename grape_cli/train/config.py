@@ -55,6 +55,9 @@ class TrainConfig:
     trust_remote_code: bool = False
     seed: int = 0
     chunk_size: int = DEFAULT_CHUNK
+    # Run each prompt once in GRPO's loss pass, not once per completion (same gradients;
+    # `grape_cli.train.prefix`). Off only to reproduce a run made before it existed.
+    share_prompt: bool = True
 
     def __post_init__(self):
         get_reward(self.reward)  # unknown: a UsageError listing the registered rewards

@@ -381,6 +381,11 @@ def _make_trainer(config: TrainConfig, model, processing, reward_funcs, args, da
     from transformers import PrinterCallback
     from trl import GRPOTrainer
 
+    from grape_cli.train.prefix import grpo_trainer_class
+
+    if config.share_prompt:
+        GRPOTrainer = grpo_trainer_class()  # TRL's, or ours for text batches
+
     peft_config = None
     if config.lora:
         from peft import LoraConfig
