@@ -111,7 +111,7 @@ def grpo_trainer_class():
     class SharedPrefixGRPOTrainer(GRPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            if not self._is_vlm:  # generation is handed the unwrapped model
+            if not getattr(self, "_is_vlm", True):  # generation gets the unwrapped model
                 model = self.accelerator.unwrap_model(self.model)
                 model.generate = sharing_generate(model)
 
