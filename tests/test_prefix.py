@@ -84,6 +84,90 @@ def test_nothing_to_share_falls_back(model):
     assert shared_prefix_logps(m, ids, mask, COMPLETION, False) is None
 
 
+def vision_batch(vlm_folder, images, queries, group: int, seed: int = 0):
+    """A VLM and TRL's multimodal batch for it: each (image, query) prompt `group` times,
+    then random completions; the inputs `_get_per_token_logps_and_entropies` receives."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from grape_cli.prompt import PromptTemplate
+    from grape_cli.query import Query
+    from grape_cli.rewrite import encode_vision_prompts
+
+    torch.manual_seed(0)
+    m = AutoModelForImageTextToText.from_pretrained(vlm_folder, dtype=torch.float32)
+    add_fused_lm_head(m, outputs=("log_probs", "entropy"))
+    processor = AutoProcessor.from_pretrained(vlm_folder)
+    enc = encode_vision_prompts(
+        processor,
+        PromptTemplate.default(vision=True),
+        [Query(q, image=i) for i, q in zip(images, queries, strict=True)],
+    )
+    rows = torch.arange(len(queries)).repeat_interleave(group)
+    rng = random.Random(seed)
+    tails, tail_masks = [], []
+    for _ in rows:
+        n = rng.randint(1, COMPLETION)
+        tails.append([rng.randrange(3, 50)] * n + [0] * (COMPLETION - n))
+        tail_masks.append([1] * n + [0] * (COMPLETION - n))
+    ids = torch.cat([enc["input_ids"][rows], torch.tensor(tails)], dim=1)
+    mask = torch.cat([enc["attention_mask"][rows], torch.tensor(tail_masks)], dim=1)
+    per = enc["image_grid_thw"].prod(-1).tolist()
+    pixels = torch.split(enc["pixel_values"], per)
+    vision = {
+        "pixel_values": torch.cat([pixels[r] for r in rows]),
+        "image_grid_thw": enc["image_grid_thw"][rows],
+        "num_images": [1] * len(rows),
+        "mm_token_type_ids": torch.cat(
+            [enc["mm_token_type_ids"][rows], torch.zeros(len(rows), COMPLETION, dtype=torch.long)],
+            dim=1,
+        ),
+    }
+    return m, ids, mask, vision
+
+
+def test_vision_language_batch_same_as_trl(tiny_vlm, tmp_path):
+    from PIL import Image
+
+    files = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        files.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (48 + 8 * i, 48), colour).save(files[-1])
+    queries = ["make it red", "same but on the left and larger", "make it red"]
+    m, ids, mask, vision = vision_batch(tiny_vlm, files, queries, group=3)
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(autocast=contextlib.nullcontext, is_main_process=True)
+    )
+    lp1, e1, g1 = logps_and_grads(
+        m,
+        lambda: GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, m, ids, mask, COMPLETION, compute_entropy=True, **vision
+        )[:2],
+        mask,
+    )
+    calls = []
+    forward = m.forward
+    m.forward = lambda *a, **k: calls.append(k) or forward(*a, **k)
+    lp2, e2, g2 = logps_and_grads(
+        m, lambda: shared_prefix_logps(m, ids, mask, COMPLETION, True, vision), mask
+    )
+    # The three prompts (two share a query, not an image) ran once each, with their images.
+    assert calls[0]["input_ids"].shape[0] == 3 and len(calls[0]["image_grid_thw"]) == 3
+    assert "pixel_values" not in calls[1]
+    scored = mask[:, -COMPLETION:].bool()
+    torch.testing.assert_close(lp2[scored], lp1[scored], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(e2[scored], e1[scored], atol=2e-5, rtol=1e-4)
+    assert g1.keys() == g2.keys() and any("visual" in k for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], atol=1e-5, rtol=1e-3)
+    assert not torch.allclose(lp2[0], lp2[6])  # same query, other image: other numbers
+
+    # One prompt's rows with different images: not shared (TRL's path).
+    other = dict(vision, pixel_values=vision["pixel_values"].clone())
+    other["pixel_values"][0] += 1
+    m.forward = forward
+    assert shared_prefix_logps(m, ids, mask, COMPLETION, True, other) is None
+
+
 def test_trainer_takes_trls_path_for_images():
     cls = grpo_trainer_class()
     assert issubclass(cls, GRPOTrainer)
@@ -93,11 +177,17 @@ def test_trainer_takes_trls_path_for_images():
         seen.append(kwargs.get("pixel_values"))
         return "trl"
 
-    trainer = cls.__new__(cls)  # no model needed: the image batch goes straight to TRL
+    trainer = cls.__new__(cls)  # no model needed: a batch of another VLM family goes to TRL
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", trl)
         got = cls._get_per_token_logps_and_entropies(
-            trainer, object(), None, None, 4, pixel_values=torch.zeros(1)
+            trainer,
+            object(),
+            torch.zeros(2, 5),
+            None,
+            4,
+            pixel_values=torch.zeros(1),
+            image_sizes=[1],
         )
     assert got == "trl" and len(seen) == 1
 

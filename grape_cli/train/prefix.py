@@ -14,10 +14,13 @@ Generation shares the prompts the same way: the distinct prompts are run once an
 `generate` continues from their cache (its prefill was half of generating 24 tokens for
 64 rows with ~100-token prompts).
 
-Text models in one process only: a vision-language batch (pixel values, image grids)
-takes TRL's own path, as do a model that returns router logits and a model wrapped for
-distributed data parallel (two forward passes before one backward upset its gradient
-hooks).
+A vision-language batch of the Qwen2-VL family (pixel values with image grids, 3D
+rotary positions from the model's own `get_rope_index`) shares its loss pass the same
+way: the distinct prompts run once with their images, and each row's completion
+continues at the positions the whole row would have had. Rows that share prompt tokens
+but not the image keep TRL's path, as do other vision-language models, their generation,
+a model that returns router logits and a model wrapped for distributed data parallel
+(two forward passes before one backward upset its gradient hooks).
 """
 
 from __future__ import annotations
@@ -45,11 +48,62 @@ def _cache_for_rows(model, ids, mask, row_of, **kwargs):
     return key, cache
 
 
-def shared_prefix_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy):
+# The multimodal inputs of a batch the vision-language path below understands.
+VISION_KEYS = {"pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids"}
+
+
+def _vision_prefix(model, input_ids, attention_mask, n: int, row_of, first, vision: dict):
+    """The distinct prompts' images and each row's 3D positions, for a Qwen2-VL-style
+    batch (one block of pixel rows per sample, sized by its image grids); None when the
+    model has no `get_rope_index` or two rows share prompt tokens but not their images."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA
+    rope_index = getattr(getattr(base, "model", None), "get_rope_index", None)
+    pixels, grid, counts = (vision.get(k) for k in ("pixel_values", "image_grid_thw", "num_images"))
+    types = vision.get("mm_token_type_ids")
+    if rope_index is None or pixels is None or grid is None or counts is None or types is None:
+        return None
+    per_image = grid.prod(dim=-1).tolist()
+    per_sample, start = [], 0  # each sample's slice of grid rows and of pixel rows
+    for k in counts:
+        rows = sum(per_image[start : start + k])
+        per_sample.append((start, start + k, rows))
+        start += k
+    offsets = [0]
+    for _, _, rows in per_sample:
+        offsets.append(offsets[-1] + rows)
+
+    def images(i):
+        a, b, _ = per_sample[i]
+        return grid[a:b], pixels[offsets[i] : offsets[i + 1]]
+
+    for i, d in enumerate(row_of.tolist()):  # the images must repeat with the prompt
+        (g1, p1), (g2, p2) = images(i), images(first[d])
+        if g1.shape != g2.shape or not torch.equal(g1, g2) or not torch.equal(p1, p2):
+            return None
+    positions, _ = rope_index(
+        input_ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=attention_mask
+    )
+    reps = [images(i) for i in first]
+    inputs = {
+        "pixel_values": torch.cat([p for _, p in reps]),
+        "image_grid_thw": torch.cat([g for g, _ in reps]),
+        "mm_token_type_ids": types[first, :n],
+        "position_ids": positions[:, first, :n],
+    }
+    return inputs, positions[:, :, n:]
+
+
+def shared_prefix_logps(
+    model, input_ids, attention_mask, logits_to_keep: int, compute_entropy, vision=None
+):
     """Per-token log-probabilities (and entropies) of the last `logits_to_keep` tokens of
     each row, as TRL's `_get_per_token_logps_and_entropies` returns them for a model
     patched with its fused LM head; None when no two rows share a prompt (nothing to
-    save: the caller takes TRL's path)."""
+    save) or the batch is one this module does not handle: the caller takes TRL's path.
+    `vision`: the batch's multimodal inputs (`VISION_KEYS`), if any."""
+    import torch
 
     n = input_ids.shape[1] - logits_to_keep - 1  # the last prompt token predicts the first
     if n < 1:
@@ -57,7 +111,16 @@ def shared_prefix_logps(model, input_ids, attention_mask, logits_to_keep: int, c
     ids, mask, row_of = _distinct(input_ids, attention_mask, n)
     if len(ids) == len(input_ids):
         return None
-    key, cache = _cache_for_rows(model, ids, mask, row_of)
+    prefix, tail_kwargs = {}, {}
+    if vision:
+        # Each distinct prompt's first row: its images stand for every row of the prompt.
+        first = torch.full((len(ids),), len(row_of), dtype=torch.long)
+        first = first.scatter_reduce(0, row_of, torch.arange(len(row_of)), "amin").tolist()
+        found = _vision_prefix(model, input_ids, attention_mask, n, row_of, first, vision)
+        if found is None:
+            return None
+        prefix, tail_kwargs["position_ids"] = found
+    key, cache = _cache_for_rows(model, ids, mask, row_of, **prefix)
     tail = input_ids[:, n:]
     labels = tail.masked_fill(attention_mask[:, n:] == 0, -100)
     labels[:, 0] = -100  # the last prompt token is input, not scored
@@ -67,6 +130,7 @@ def shared_prefix_logps(model, input_ids, attention_mask, logits_to_keep: int, c
         labels=labels,
         fused_lm_head=True,
         **{key: cache},
+        **tail_kwargs,
     )
     entropy = scored.entropy[:, -logits_to_keep:] if compute_entropy else None
     return scored.log_probs[:, -logits_to_keep:], entropy
@@ -105,7 +169,8 @@ def sharing_generate(model):
 
 
 def grpo_trainer_class():
-    """TRL's `GRPOTrainer` with the loss pass above for text batches."""
+    """TRL's `GRPOTrainer` with the loss pass above (text and Qwen2-VL-style batches) and
+    shared generation (text models)."""
     from trl import GRPOTrainer
 
     class SharedPrefixGRPOTrainer(GRPOTrainer):
@@ -129,8 +194,10 @@ def grpo_trainer_class():
             import torch
 
             ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            if not (ddp or compute_aux_loss) and all(v is None for v in multimodal.values()):
-                size = batch_size or len(input_ids)
+            given = {k: v for k, v in multimodal.items() if v is not None}
+            size = batch_size or len(input_ids)
+            vision = given and set(given) <= VISION_KEYS and size >= len(input_ids)
+            if not (ddp or compute_aux_loss) and (vision or not given):
                 parts = []
                 for start in range(0, len(input_ids), size):
                     rows = slice(start, start + size)
@@ -141,6 +208,7 @@ def grpo_trainer_class():
                             attention_mask[rows],
                             logits_to_keep,
                             compute_entropy,
+                            given,
                         )
                     if part is None:
                         break
