@@ -175,7 +175,12 @@ def run_compose(work: Path, cfg: dict, seed: int, quick: bool, timer, results: d
     from examples.shapes.vlm import reading_report, train_base_vlm
     from examples.shapes.world import load_scenes, split_scenes, write_compose_pairs
 
-    for stale in ("rewriter-vlm-base", *(f"runs/compose-{r}" for r in COMPOSE_REWARDS)):
+    # An interrupted earlier run leaves `.compose-*.partial` folders, which `grape train`
+    # would refuse to start over: this run rebuilds the base VLM, so they are stale too.
+    runs = [
+        f"runs/{p}compose-{r}{s}" for r in COMPOSE_REWARDS for p, s in (("", ""), (".", ".partial"))
+    ]
+    for stale in ("rewriter-vlm-base", *runs):
         shutil.rmtree(work / stale, ignore_errors=True)
     scenes = load_scenes(work / "corpus")
     train, held = split_scenes(scenes, seed=seed)
