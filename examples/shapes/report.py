@@ -216,7 +216,12 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
 
     lines += ["## Time", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stages_s"].items()]
-    lines.append(f"| total | {sum(results['stages_s'].values()):.1f} |")
+    # After `--only compose` the stages come from two runs, maybe on two machines: the
+    # sum is no run's wall time, so say so rather than let it pass for one.
+    total = (
+        "total (two runs: the composed stages rerun)" if results.get("compose_rerun") else "total"
+    )
+    lines.append(f"| {total} | {sum(results['stages_s'].values()):.1f} |")
     runs = [r for r in (*REWARDS, "compose-rank", "compose-similarity") if f"train_{r}" in results]
     for reward in runs:
         t = results[f"train_{reward}"]

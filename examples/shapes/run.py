@@ -400,6 +400,7 @@ def only_compose(a) -> None:
     run_compose(work, cfg, a.seed, a.quick, timer, results)
     stages = {k: v for k, v in results["stages_s"].items() if "compose" not in k}
     results["stages_s"] = {**stages, **timer.stages}
+    results["compose_rerun"] = True
     finish(work, results, load_clip(str(work / "retriever"), device="cpu"))
 
 
