@@ -177,14 +177,16 @@ def run_compose(work: Path, cfg: dict, seed: int, quick: bool, timer, results: d
     base VLM, GRPO with each of COMPOSE_REWARDS (side by side), eval and one search."""
     from examples.shapes.vlm import reading_report, train_base_vlm
     from examples.shapes.world import load_scenes, split_scenes, write_compose_pairs
+    from grape_cli.train.rundir import run_dirs
 
-    # An interrupted earlier run leaves `.compose-*.partial` folders, which `grape train`
-    # would refuse to start over: this run rebuilds the base VLM, so they are stale too.
+    # An interrupted earlier run leaves its partial folders, which `grape train` would
+    # refuse to start over: this run rebuilds the base VLM, so they are stale too.
     runs = [
-        f"runs/{p}compose-{r}{s}" for r in COMPOSE_REWARDS for p, s in (("", ""), (".", ".partial"))
+        run_dirs(work / f"runs/compose-{r}", False, work / "index", check=False)
+        for r in COMPOSE_REWARDS
     ]
-    for stale in ("rewriter-vlm-base", *runs):
-        shutil.rmtree(work / stale, ignore_errors=True)
+    for stale in (work / "rewriter-vlm-base", *(d.out for d in runs), *(d.work for d in runs)):
+        shutil.rmtree(stale, ignore_errors=True)
     scenes = load_scenes(work / "corpus")
     train, held = split_scenes(scenes, seed=seed)
     with timer("compose pairs + base VLM"):
