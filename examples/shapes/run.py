@@ -36,8 +36,9 @@ REWARDS = ("rank", "rank-top", "similarity")
 COMPOSE_REWARDS = ("rank", "similarity")
 COMPOSE_SHIFTS = ("compose", "compose-unseen")
 
-# Settings of a full run and of the CI smoke run (<= 5 minutes). The full run takes 83-86
-# minutes on 2 CPU cores (examples/shapes/README.md); the issues ask for 45.
+# Settings of a full run and of the CI smoke run (<= 5 minutes). The full run took 39-40
+# minutes on one 2-core machine and about 70 on a slower one (examples/shapes/README.md,
+# Time); the issues ask for 45.
 FULL = {
     "scenes": 2000,
     "retriever_steps": 1000,
