@@ -111,9 +111,10 @@ def grape(*args, json_out: bool = True) -> dict | str:
 def grape_parallel(jobs: dict[str, list], logs: Path) -> dict[str, dict]:
     """Run several grape commands at once, one CPU thread each; their JSON results.
 
-    Two GRPO runs on one thread each finish sooner than one after the other on two
-    threads: a tiny model's matrices are too small to keep two threads busy. A run's
-    figures do not depend on this (nothing in it is timed), only its wall time.
+    GRPO runs on one thread each, side by side, finish sooner than one after the other on
+    two threads (a tiny model's matrices are too small to keep two threads busy), and on
+    one thread a run repeats exactly. Its figures do not depend on how many run at once
+    (nothing in it is timed), only its wall time.
     Each run's progress goes to `logs/<name>.log`.
     """
     logs.mkdir(parents=True, exist_ok=True)
@@ -182,11 +183,11 @@ def run_compose(work: Path, cfg: dict, seed: int, quick: bool, timer, results: d
 
     # An interrupted earlier run leaves its partial folders, which `grape train` would
     # refuse to start over: this run rebuilds the base VLM, so they are stale too.
-    runs = [
+    old = [
         run_dirs(work / f"runs/compose-{r}", False, work / "index", check=False)
         for r in COMPOSE_REWARDS
     ]
-    for stale in (work / "rewriter-vlm-base", *(d.out for d in runs), *(d.work for d in runs)):
+    for stale in (work / "rewriter-vlm-base", *(d.out for d in old), *(d.work for d in old)):
         shutil.rmtree(stale, ignore_errors=True)
     scenes = load_scenes(work / "corpus")
     train, held = split_scenes(scenes, seed=seed)
