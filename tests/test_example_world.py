@@ -214,3 +214,21 @@ def test_unseen_compose_phrasings_never_appear_in_seen_queries():
         for t in tables["unseen"]:
             stem = max(t.split("{edits}"), key=len).strip(" ，,")
             assert not any(stem in q for q in seen), t
+
+
+def test_probe_names_the_background_five_ways():
+    from examples.shapes.probe import VARIANTS, background_variants
+
+    scene = world.Scene("x.jpg", "square", "green", "yellow", "center", "large")
+    rng = random.Random(0)
+    for _ in range(20):
+        v = background_variants(scene, rng)
+        assert set(v) == set(VARIANTS)
+        # `exact` is a caption the retriever was trained on; the others differ only in
+        # how they name the background.
+        assert v["exact"] in {world.fill_template(t, scene) for t in world.EN_TEMPLATES}
+        assert v["copy"] == "a large green square in the center, green background"
+        assert v["synonym"].endswith(", golden background")
+        assert v["none"] == "a large green square in the center"
+        other = v["other"].rsplit(", ", 1)[1].split()[0]
+        assert other in world.COLORS and other not in ("green", "yellow")
