@@ -36,7 +36,7 @@ REWARDS = ("rank", "rank-top", "similarity")
 COMPOSE_REWARDS = ("rank", "similarity")
 COMPOSE_SHIFTS = ("compose", "compose-unseen")
 
-# Settings of a full run and of the CI smoke run (<= 5 minutes). The full run took 39-40
+# Settings of a full run and of the CI smoke run (<= 5 minutes). The full run took 38-40
 # minutes on one 2-core machine and about 70 on a slower one (examples/shapes/README.md,
 # Time); the issues ask for 45.
 FULL = {
