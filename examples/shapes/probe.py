@@ -39,11 +39,13 @@ def background_variants(scene: Scene, rng: random.Random) -> dict[str, str]:
     """The scene in the retriever's first caption template, its background named each way."""
     template = EN_TEMPLATES[0]
     other = rng.choice([c for c in COLORS if c not in (scene.color, scene.background)])
-    named = {"exact": scene.background, "copy": scene.color, "other": other}
+    named = {
+        "exact": scene.background,
+        "copy": scene.color,
+        "synonym": SYNONYMS[scene.background][0],
+        "other": other,
+    }
     out = {k: fill_template(template, replace(scene, background=v)) for k, v in named.items()}
-    synonym = SYNONYMS[scene.background][0]
-    # A synonym is no colour the scene can take, so it goes in as text.
-    out["synonym"] = fill_template(template.replace("{background}", synonym), scene)
     out["none"] = fill_template(template.split(",")[0], scene)
     return out
 
