@@ -6,6 +6,8 @@ Sections, each skipped with a reason when what it needs is missing:
   2. exact search over 100,000 x 512 vectors: faiss on the GPU (if faiss-gpu is
      installed), faiss on the CPU, and a torch matmul + topk on the GPU
   3. a few GRPO steps through `grape train` (bf16 on GPU), if that command exists
+  4. the same for composed queries: a tiny Qwen2-VL rewriter given a reference image and an
+     edit, through the same command (TRL's vision-language GRPO)
 
 Sizes come from the environment (see gpu_check.sh); GPU_CHECK_ALLOW_CPU=1 runs it all on
 the CPU with a tiny model, as a dry run of the code paths.
@@ -166,18 +168,50 @@ def section_search(device: str, n: int, dim: int = 512, queries: int = 1000, k: 
         del ids
 
 
-def section_train(device: str, work: Path, idx: Path, steps: int) -> None:
-    print(f"\n== 3. GRPO steps through `grape train` ({steps} steps)", flush=True)
+def grape_train_ready() -> bool:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    grape = [sys.executable, "-m", "grape_cli"]
-    helped = subprocess.run([*grape, "train", "--help"], capture_output=True, text=True, env=env)
+    helped = subprocess.run(
+        [sys.executable, "-m", "grape_cli", "train", "--help"], capture_output=True, env=env
+    )
     if helped.returncode != 0:
         print("   `grape train` is not available in this checkout: skipped")
-        return
+        return False
     try:
         import trl  # noqa: F401
     except ImportError:
         print("   trl is not installed: skipped")
+        return False
+    return True
+
+
+def run_grape_train(label: str, pairs: Path, idx: Path, model: Path, out: Path, steps: int,
+                    extra: list[str]) -> None:  # fmt: skip
+    """`grape train` as a user runs it (bf16 mixed precision on CUDA is its own choice), and
+    its whole-command seconds and median step seconds as figures."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "grape_cli", "train", str(pairs), "--index", str(idx),
+           "--base-model", str(model), "--steps", str(steps), "--out", str(out), *extra]  # fmt: skip
+    print("   $ grape " + " ".join(cmd[4:]))
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - t0
+    if r.returncode != 0:
+        print(f"   grape train failed (exit {r.returncode}); last lines:")
+        print("   " + "\n   ".join((r.stdout + r.stderr).strip().splitlines()[-15:]))
+        return
+    figure(f"{label}: grape train {steps} GRPO steps, whole command (s)", f"{elapsed:.1f}")
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    times = [r["step_seconds"] for r in rows if isinstance(r.get("step_seconds"), (int, float))]
+    if times:
+        figure(f"{label}: GRPO seconds per step (median)", f"{sorted(times)[len(times) // 2]:.3f}")
+    print(f"   {len(rows)} metric rows; last: {rows[-1] if rows else '-'}")
+
+
+def section_train(device: str, work: Path, idx: Path, steps: int) -> None:
+    print(f"\n== 3. GRPO steps through `grape train` ({steps} steps)", flush=True)
+    if not grape_train_ready():
         return
     from grape_cli.store import Store
     from grape_cli.tiny import build_tiny_lm
@@ -196,46 +230,35 @@ def section_train(device: str, work: Path, idx: Path, steps: int) -> None:
         preset="small" if device != "cpu" else "test",
         vocab_size=400,
     )
-    out = work / "run"
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [
-        *grape,
-        "train",
-        str(pairs),
-        "--index",
-        str(idx),
-        "--base-model",
-        str(lm),
-        "--steps",
-        str(steps),
-        "--group-size",
-        "4",
-        "--max-new-tokens",
-        "24",
-        "--out",
-        str(out),
-    ]
-    for flag, value in (("--precision", "bf16"), ("--bf16", None)):
-        if flag in helped.stdout and device != "cpu":
-            cmd += [flag] + ([value] if value else [])
-            break
-    else:
-        print("   (no precision flag: `grape train` picks its own, bf16 on a GPU by its spec)")
-    print("   $ grape " + " ".join(cmd[3:]))
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    elapsed = time.perf_counter() - t0
-    if r.returncode != 0:
-        print(f"   grape train failed (exit {r.returncode}); last lines:")
-        print("   " + "\n   ".join((r.stdout + r.stderr).strip().splitlines()[-15:]))
+    extra = ["--group-size", "4", "--max-new-tokens", "24"]
+    run_grape_train("text", pairs, idx, lm, work / "run", steps, extra)
+
+
+def section_compose(device: str, work: Path, idx: Path, steps: int) -> None:
+    print(f"\n== 4. composed-query GRPO through `grape train` ({steps} steps)", flush=True)
+    if not grape_train_ready():
         return
-    figure(f"grape train {steps} GRPO steps, whole command (s)", f"{elapsed:.1f}")
-    metrics = out / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-    times = [r["step_seconds"] for r in rows if isinstance(r.get("step_seconds"), (int, float))]
-    if times:
-        figure("GRPO seconds per step (median)", f"{sorted(times)[len(times) // 2]:.3f}")
-    print(f"   {len(rows)} metric rows; last: {rows[-1] if rows else '-'}")
+    from grape_cli.store import Store
+    from grape_cli.tiny import build_tiny_vlm
+
+    # Reference image i, target image i+1 of the index built in section 1: the pairs file
+    # names both by absolute path, as a user's composed pairs may.
+    meta, _ = Store.open(idx).load_matrix(("path",))
+    paths = list(meta["path"][:65])
+    edits = ["like this but red", "the same in blue", "make it a circle", "on a beach"]
+    pairs = work / "compose.jsonl"
+    with pairs.open("w") as f:
+        for i in range(64):
+            rec = {"query": edits[i % 4], "image": paths[i], "target": paths[i + 1]}
+            f.write(json.dumps(rec) + "\n")
+    vlm = build_tiny_vlm(
+        work / "tiny-vlm",
+        edits * 16 + ["a red circle on a beach", "a blue square"] * 16,
+        preset="small" if device != "cpu" else "test",
+        vocab_size=400,
+    )
+    extra = ["--group-size", "4", "--queries-per-step", "4", "--max-new-tokens", "16"]
+    run_grape_train("compose", pairs, idx, vlm, work / "run-compose", steps, extra)
 
 
 def main() -> None:
@@ -250,6 +273,8 @@ def main() -> None:
             f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
             f"CUDA {torch.version.cuda}, {os.cpu_count()} CPUs"
         )
+        # `grape train` trains in bf16 mixed precision exactly when this holds (trainer.py).
+        print(f"bf16 supported (grape train uses bf16 when so): {torch.cuda.is_bf16_supported()}")
         spec = os.environ.get("GPU_CHECK_MODEL", "ViT-B-32:random")
     elif allow_cpu:
         device = "cpu"
@@ -272,7 +297,9 @@ def main() -> None:
     t_all = time.perf_counter()
     idx = section_index(device, work, spec, images, batch)
     section_search(device, env_int("GPU_CHECK_SEARCH_N", 100_000 if gpu else 5_000))
-    section_train(device, work, idx, env_int("GPU_CHECK_STEPS", 5 if gpu else 2))
+    steps = env_int("GPU_CHECK_STEPS", 5 if gpu else 2)
+    section_train(device, work, idx, steps)
+    section_compose(device, work, idx, steps)
     print(f"\n== all figures ({time.perf_counter() - t_all:.0f} s in all)")
     print("\n".join(FIGURES))
 

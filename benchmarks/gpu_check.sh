@@ -11,7 +11,7 @@
 # Python: $PYTHON, else ./.venv/bin/python if it imports torch, else python3. Missing
 # packages come from .whl/*.whl when present (offline machines), else from pip's index.
 # Sizes: GPU_CHECK_IMAGES (8000), GPU_CHECK_BATCH (256), GPU_CHECK_SEARCH_N (100000),
-# GPU_CHECK_STEPS (5), GPU_CHECK_MODEL (ViT-B-32:random), GPU_CHECK_WORK (/tmp/grape-gpu-check).
+# GPU_CHECK_STEPS (5, text and composed), GPU_CHECK_MODEL (ViT-B-32:random), GPU_CHECK_WORK (/tmp/grape-gpu-check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -26,18 +26,31 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     # that the machine's image already holds (torch, numpy, pyarrow, transformers, ...).
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
     mkdir -p .whl
-    for req in open_clip_torch==3.3.0 ftfy wcwidth lancedb==0.40.0 lance-namespace \
-        lance-namespace-urllib3-client deprecation overrides pydantic pydantic-core \
-        annotated-types typing-inspection trl==1.16.0 datasets dill multiprocess \
-        faiss-gpu-cu12; do
+    # faiss-gpu-cu12 is not fetched: it needs CUDA 12's cuBLAS and runtime wheels (hundreds
+    # of MiB, over the 64 MiB a call carries; the lent image has CUDA 13). Section 2 then
+    # gives faiss CPU and torch-on-GPU figures, and says faiss-gpu is missing.
+    for req in open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 lancedb==0.40.0 \
+        lance-namespace==0.13.0 lance-namespace-urllib3-client==0.13.0 deprecation==2.1.0 \
+        overrides==7.7.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+        typing-inspection==0.4.5 trl==1.16.0 datasets==5.2.0 dill==0.4.1 \
+        multiprocess==0.70.19 ${GPU_CHECK_EXTRA_WHEELS:-}; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
             --implementation cp --platform manylinux_2_28_x86_64 \
             --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
             --platform manylinux2014_x86_64 -d .whl "$req" ||
             echo "could not fetch $req (that part of the check will say it is missing)"
     done
+    # lancedb's wheel is 75 MB (its one native library is 185 MB unpacked): over what a call
+    # carries. xz packs the installed files to about 47 MB, unpacked on the machine below.
+    for big in .whl/lancedb-*.whl; do
+        [[ -e "$big" ]] || continue
+        rm -rf .whl/unpacked && mkdir -p .whl/unpacked
+        python3 -m pip install -q --no-deps --no-compile --target .whl/unpacked "$big" &&
+            tar -C .whl/unpacked -cf - . | xz -T2 -6 >"${big%.whl}.site.tar.xz" && rm "$big"
+        rm -rf .whl/unpacked
+    done
     du -sh .whl
-    echo "carry .whl (64 MiB at most travel: drop faiss-gpu-cu12 if over)"
+    echo "carry .whl (64 MiB at most travel)"
     exit 0
 fi
 
@@ -71,6 +84,10 @@ if [[ -n "$(missing $NEEDED $OPTIONAL)" ]]; then
         echo "installing carried wheels from .whl/ into /tmp/grape-site"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/grape-site .whl/*.whl || echo "some carried wheels did not install"
+        mkdir -p /tmp/grape-site
+        for packed in .whl/*.site.tar.xz; do
+            [[ -e "$packed" ]] && xz -T0 -dc "$packed" | tar -C /tmp/grape-site -xf -
+        done
         export PYTHONPATH="/tmp/grape-site${PYTHONPATH:+:$PYTHONPATH}"
     else
         need="$(missing $NEEDED $OPTIONAL)"
