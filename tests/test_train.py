@@ -260,6 +260,31 @@ def test_cli_rejects_unknown_reward(cli, tmp_path):
     assert r.exit_code == 2 and "unknown reward" in r.stderr
 
 
+def test_checkpointing_is_turned_off_under_either_transformers_name():
+    """transformers 5.2x renamed gradient_checkpointing; the lent GPU machines' 5.17 knows
+    only the old name, and an unknown keyword stopped every `grape train` there."""
+    from dataclasses import dataclass
+
+    from trl import GRPOConfig
+
+    from grape_cli.train.trainer import checkpointing_off
+
+    @dataclass
+    class Old:  # transformers < 5.2x
+        gradient_checkpointing: bool = True
+
+    @dataclass
+    class New(Old):
+        activation_checkpointing: bool = True
+
+    assert checkpointing_off(Old) == {"gradient_checkpointing": False}
+    assert checkpointing_off(New) == {"activation_checkpointing": False}
+    args = GRPOConfig(
+        output_dir="unused", use_cpu=True, bf16=False, **checkpointing_off(GRPOConfig)
+    )
+    assert not args.gradient_checkpointing
+
+
 def test_split_is_seeded_and_disjoint():
     a = split_pairs(list(range(50)), 0.1, seed=1)
     assert a == split_pairs(list(range(50)), 0.1, seed=1)
