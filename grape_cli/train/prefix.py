@@ -114,8 +114,10 @@ def shared_prefix_logps(
     prefix, tail_kwargs = {}, {}
     if vision:
         # Each distinct prompt's first row: its images stand for every row of the prompt.
-        first = torch.full((len(ids),), len(row_of), dtype=torch.long)
-        first = first.scatter_reduce(0, row_of, torch.arange(len(row_of)), "amin").tolist()
+        at = row_of.device  # the batch's (CUDA on a GPU: a CPU tensor here stopped training)
+        first = torch.full((len(ids),), len(row_of), dtype=torch.long, device=at)
+        first = first.scatter_reduce(0, row_of, torch.arange(len(row_of), device=at), "amin")
+        first = first.tolist()
         found = _vision_prefix(model, input_ids, attention_mask, n, row_of, first, vision)
         if found is None:
             return None
