@@ -189,7 +189,8 @@ def run_grape_train(label: str, pairs: Path, idx: Path, model: Path, out: Path, 
     """`grape train` as a user runs it (bf16 mixed precision on CUDA is its own choice), and
     its whole-command seconds and median step seconds as figures."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    shutil.rmtree(out, ignore_errors=True)
+    for stale in (out, out.with_name(f".{out.name}.partial")):  # a failed earlier check's
+        shutil.rmtree(stale, ignore_errors=True)
     cmd = [sys.executable, "-m", "grape_cli", "train", str(pairs), "--index", str(idx),
            "--base-model", str(model), "--steps", str(steps), "--out", str(out), *extra]  # fmt: skip
     print("   $ grape " + " ".join(cmd[4:]))
