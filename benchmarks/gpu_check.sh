@@ -11,7 +11,8 @@
 # Python: $PYTHON, else ./.venv/bin/python if it imports torch, else python3. Missing
 # packages come from .whl/*.whl when present (offline machines), else from pip's index.
 # Sizes: GPU_CHECK_IMAGES (8000), GPU_CHECK_BATCH (256), GPU_CHECK_SEARCH_N (100000),
-# GPU_CHECK_STEPS (5, text and composed), GPU_CHECK_MODEL (ViT-B-32:random), GPU_CHECK_WORK (/tmp/grape-gpu-check).
+# GPU_CHECK_STEPS (5, text and composed), GPU_CHECK_MODEL (ViT-B-32:random),
+# GPU_CHECK_WORK (/tmp/grape-gpu-check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

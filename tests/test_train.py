@@ -261,8 +261,8 @@ def test_cli_rejects_unknown_reward(cli, tmp_path):
 
 
 def test_checkpointing_is_turned_off_under_either_transformers_name():
-    """transformers 5.2x renamed gradient_checkpointing; the lent GPU machines' 5.17 knows
-    only the old name, and an unknown keyword stopped every `grape train` there."""
+    """Recent transformers renamed gradient_checkpointing; 5.17 (an H200 machine's) knows
+    only the old name, and the new one stopped every `grape train` there."""
     from dataclasses import dataclass
 
     from trl import GRPOConfig
@@ -270,7 +270,7 @@ def test_checkpointing_is_turned_off_under_either_transformers_name():
     from grape_cli.train.trainer import checkpointing_off
 
     @dataclass
-    class Old:  # transformers < 5.2x
+    class Old:  # transformers 5.17 and earlier
         gradient_checkpointing: bool = True
 
     @dataclass

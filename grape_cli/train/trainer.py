@@ -352,8 +352,8 @@ def checkpointing_off(GRPOConfig) -> dict:
     """The setting that turns activation checkpointing off, under this transformers' name.
 
     Checkpointing trades ~20% speed for memory, and rewriters are small. TRL turns it on by
-    default. transformers 5.2x calls it `activation_checkpointing` (warning on the old name);
-    earlier releases (5.17 on the lent GPU machines, 4.x) know only `gradient_checkpointing`.
+    default. Recent transformers (5.24 and 5.25, measured) call it `activation_checkpointing`
+    and warn on the old name; 5.17 (an H200 machine's) knows only `gradient_checkpointing`.
     """
     names = {f.name for f in fields(GRPOConfig)}
     new = "activation_checkpointing"
