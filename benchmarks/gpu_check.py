@@ -168,18 +168,22 @@ def section_search(device: str, n: int, dim: int = 512, queries: int = 1000, k: 
         del ids
 
 
+# Every `grape` subprocess: a Hub miss fails at once instead of waiting on the network.
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
 def grape_train_ready() -> bool:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    """Whether sections 3 and 4 can run; says why not once."""
     helped = subprocess.run(
-        [sys.executable, "-m", "grape_cli", "train", "--help"], capture_output=True, env=env
+        [sys.executable, "-m", "grape_cli", "train", "--help"], capture_output=True, env=OFFLINE
     )
     if helped.returncode != 0:
-        print("   `grape train` is not available in this checkout: skipped")
+        print("\n== 3-4. `grape train` is not available in this checkout: skipped")
         return False
     try:
         import trl  # noqa: F401
     except ImportError:
-        print("   trl is not installed: skipped")
+        print("\n== 3-4. trl is not installed: `grape train` sections skipped")
         return False
     return True
 
@@ -188,14 +192,13 @@ def run_grape_train(label: str, pairs: Path, idx: Path, model: Path, out: Path, 
                     extra: list[str]) -> None:  # fmt: skip
     """`grape train` as a user runs it (bf16 mixed precision on CUDA is its own choice), and
     its whole-command seconds and median step seconds as figures."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for stale in (out, out.with_name(f".{out.name}.partial")):  # a failed earlier check's
         shutil.rmtree(stale, ignore_errors=True)
     cmd = [sys.executable, "-m", "grape_cli", "train", str(pairs), "--index", str(idx),
            "--base-model", str(model), "--steps", str(steps), "--out", str(out), *extra]  # fmt: skip
     print("   $ grape " + " ".join(cmd[4:]))
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=OFFLINE)
     elapsed = time.perf_counter() - t0
     if r.returncode != 0:
         print(f"   grape train failed (exit {r.returncode}); last lines:")
@@ -212,8 +215,6 @@ def run_grape_train(label: str, pairs: Path, idx: Path, model: Path, out: Path, 
 
 def section_train(device: str, work: Path, idx: Path, steps: int) -> None:
     print(f"\n== 3. GRPO steps through `grape train` ({steps} steps)", flush=True)
-    if not grape_train_ready():
-        return
     from grape_cli.store import Store
     from grape_cli.tiny import build_tiny_lm
 
@@ -237,8 +238,6 @@ def section_train(device: str, work: Path, idx: Path, steps: int) -> None:
 
 def section_compose(device: str, work: Path, idx: Path, steps: int) -> None:
     print(f"\n== 4. composed-query GRPO through `grape train` ({steps} steps)", flush=True)
-    if not grape_train_ready():
-        return
     from grape_cli.store import Store
     from grape_cli.tiny import build_tiny_vlm
 
@@ -299,8 +298,9 @@ def main() -> None:
     idx = section_index(device, work, spec, images, batch)
     section_search(device, env_int("GPU_CHECK_SEARCH_N", 100_000 if gpu else 5_000))
     steps = env_int("GPU_CHECK_STEPS", 5 if gpu else 2)
-    section_train(device, work, idx, steps)
-    section_compose(device, work, idx, steps)
+    if grape_train_ready():
+        section_train(device, work, idx, steps)
+        section_compose(device, work, idx, steps)
     print(f"\n== all figures ({time.perf_counter() - t_all:.0f} s in all)")
     print("\n".join(FIGURES))
 
