@@ -71,6 +71,29 @@ def test_colour_mixup_and_hedging_read_captions():
     assert not rewriter.one_colour_twice("a small yellow heart at the top")
 
 
+def test_binding_probe_tells_a_reader_from_a_colour_bag():
+    """The probe's queries hold each pair of colours in their clauses, and its score tells
+    a caption that follows the clauses from one that names the colours the other way."""
+    rows = list(rewriter.binding_queries("seen", per_pair=3))
+    n_templates = len(world.LONG_CLAUSES["seen"]["color"]) * len(
+        world.LONG_CLAUSES["seen"]["background"]
+    )
+    assert len(rows) == 3 * n_templates
+    for (ct, bt), query, (a, b) in rows:
+        text = query.lower()  # a clause may open a sentence, capitalised
+        assert a != b and ct.format(x=a).lower() in text and bt.format(x=b).lower() in text
+    colours = [c for *_, c in rows]
+    right = [f"a large {a} star on the left, {b} background" for a, b in colours]
+    swapped = [f"a large {b} star on the left, {a} background" for a, b in colours]
+    assert rewriter.binding_score(right, colours) == {
+        "object": 1.0,
+        "background": 1.0,
+        "object_given_background": 0.0,
+    }
+    assert rewriter.binding_score(swapped, colours)["object_given_background"] == 1.0
+    assert rewriter.binding_score(swapped, colours)["object"] == 0.0
+
+
 def test_base_targets_drop_as_often_for_long_inputs():
     """An instruction-tuned LLM reads a ramble as well as a short query: the supervised
     targets drop the background of long inputs no more often than of Chinese ones."""

@@ -24,10 +24,12 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   learning rate of 2e-3 it never learned which colour of a rambling paragraph is the
   object's and which the background's, and named the two colours in either order (in
   the whole example: colour wrong 46%, background 48% of held-out long queries;
-  Chinese 0%). A probe of the clause templates (`the shape itself was coloured {a}` ...
-  `the whole background was {b}`, every pair of seen templates, 24 colour pairs each,
-  fillers around) gave the object its own colour in 55% and the background's in 46%:
-  a coin flip, with a lean to the colour named first. More layers and steps (200
+  Chinese 0%). `binding_probe` (`python -m examples.shapes.rewriter MODEL_DIR
+  --binding`) asks for every pair of an object-colour and a background clause template
+  (`the shape itself was coloured {a}` ... `the whole background was {b}`), 24 colour
+  pairs each, fillers around, all else fixed: that model gave the object its own
+  colour in 55% and the background's in 46%, a coin flip, with a lean to the colour
+  named first (66% right when the object's clause came first, 43% when not). More layers and steps (200
   held-out long queries, both colours right / the object given the background's
   colour: two layers 31 / 95, 6,000 steps 101 / 88, three layers 104 / 93),
   curricula, minimal-pair twins (`TWINS`) and an extra reading task (a long query, then
@@ -82,6 +84,10 @@ from examples.shapes.world import (
     ATTRIBUTES,
     COLORS,
     EN_POSITIONS,
+    FILLER,
+    LONG_CLAUSES,
+    LONG_POS,
+    LONG_STRUCTURES,
     PHRASINGS,
     POSITIONS,
     SHAPES,
@@ -598,6 +604,72 @@ def usage_report(
     return report
 
 
+def binding_queries(phrasing: str = "seen", per_pair: int = 24, seed: int = 0, fillers=True):
+    """Long queries that differ only in which colour goes where: for every pair of an
+    object-colour and a background clause template, `per_pair` (object, background)
+    colour pairs, the other attributes fixed (a large star on the left), clause order
+    and fillers drawn as `query_long` draws them. Yields (templates, query, colours)."""
+    clauses = LONG_CLAUSES[phrasing]
+    colour_pairs = [(a, b) for a in COLORS for b in COLORS if a != b]
+    rng = random.Random(f"{seed}:bind:{phrasing}")
+    for ct, bt in itertools.product(clauses["color"], clauses["background"]):
+        for a, b in rng.sample(colour_pairs, per_pair):
+            parts = [
+                rng.choice(clauses["shape"]).format(x="star"),
+                ct.format(x=a),
+                rng.choice(clauses["size"]).format(x="large"),
+                bt.format(x=b),
+                rng.choice(LONG_POS[phrasing]["left"]),
+            ]
+            rng.shuffle(parts)
+            head = rng.sample(FILLER[phrasing], 2) if fillers else [""]
+            query = rng.choice(LONG_STRUCTURES[phrasing])(parts, head, []).strip()
+            yield (ct, bt), query, (a, b)
+
+
+def binding_score(captions: list[str], colours: list[tuple[str, str]]) -> dict[str, float]:
+    """How often a caption gives the object its own colour, the background its own, and
+    the object the background's colour (a reader that ignores which clause a colour sits
+    in gets about 0.5 for each)."""
+    reads = [colour_reads(c) for c in captions]
+    n = max(1, len(reads))
+
+    def share(key, which):
+        return (
+            sum(bool(r[key]) and r[key][0] == c[which] for r, c in zip(reads, colours, strict=True))
+            / n
+        )
+
+    return {
+        "object": round(share("color", 0), 3),
+        "background": round(share("background", 1), 3),
+        "object_given_background": round(share("color", 1), 3),
+    }
+
+
+def binding_probe(model_dir, phrasing: str = "seen", fillers: bool = True, per_pair: int = 24):
+    """Greedy captions of `binding_queries`: does the rewriter bind each colour of a long
+    query to its clause, or name the two colours in either order? Module docstring."""
+    import torch
+
+    from grape_cli.models import load_causal_lm
+    from grape_cli.prompt import clean_rewrite
+
+    model, tokenizer = load_causal_lm(str(model_dir), device="cpu")
+    rows = list(binding_queries(phrasing, per_pair, fillers=fillers))
+    captions = []
+    for i in range(0, len(rows), 32):
+        batch = [render_prompt(tokenizer, PROMPT, q) for _, q, _ in rows[i : i + 32]]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=False, max_new_tokens=32)
+        texts = tokenizer.batch_decode(
+            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        captions += [clean_rewrite(t) for t in texts]
+    return {"queries": len(rows), **binding_score(captions, [c for *_, c in rows])}
+
+
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
@@ -610,7 +682,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval", type=int, default=200, help="held-out scenes to analyse")
     ap.add_argument("--samples", type=int, default=8, help="sampled rewrites per query")
     ap.add_argument("--no-train", action="store_true", help="analyse OUT_DIR as it is")
+    ap.add_argument(
+        "--binding", action="store_true", help="only the colour-binding probe of OUT_DIR"
+    )
     args = ap.parse_args(argv)
+    if args.binding:
+        report = {ph: binding_probe(args.out_dir, ph) for ph in PHRASINGS}
+        print(json.dumps(report, indent=1))
+        return report
     train, heldout = split_scenes(make_scenes())
     folder = args.out_dir
     if not args.no_train:
