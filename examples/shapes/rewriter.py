@@ -27,11 +27,12 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   Chinese 0%). `binding_probe` (`python -m examples.shapes.rewriter MODEL_DIR
   --binding`) asks for every pair of an object-colour and a background clause template
   (`the shape itself was coloured {a}` ... `the whole background was {b}`), 24 colour
-  pairs each, fillers around, all else fixed: that model gave the object its own
-  colour in 55% and the background's in 46%, a coin flip, with a lean to the colour
-  named first (66% right when the object's clause came first, 43% when not). More layers and steps (200
-  held-out long queries, both colours right / the object given the background's
-  colour: two layers 31 / 95, 6,000 steps 101 / 88, three layers 104 / 93),
+  pairs each, fillers around, all else fixed: that model (measured by the probe's first
+  version, other random draws) gave the object its own colour in 55% and the
+  background's in 46%, a coin flip, with a lean to the colour named first (66% right
+  when the object's clause came first, 43% when not). More
+  layers and steps (200 held-out long queries, both colours right / the object given
+  the background's colour: two layers 31 / 95, 6,000 steps 101 / 88, three layers 104 / 93),
   curricula, minimal-pair twins (`TWINS`) and an extra reading task (a long query, then
   "What colour was the background?"; mix-ups 72-75%) did not make it bind.
   The learning rate did. 200 held-out scenes, 3,000 steps, one thread; long-input
@@ -45,7 +46,13 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   1e-3 .948 / 1.000, .895 / .983, .943 / .998, .323 / .512; 5e-4 .943 / .998, .940 /
   .995, .838 / .922, .120 / .333; the 2e-3 base's (the example before) .858 / .953,
   .333 / .610, .828 / .940, .133 / .325. So 1e-3: it holds best on phrasings it never
-  saw. Long queries in unseen phrasings stay the weak spot (unseen clause templates
+  saw. In the whole example (trained on two threads, another trajectory; 400 held-out
+  scenes, RESULTS.md) the 1e-3 base reads seen long queries with colour and background
+  wrong in 10% each (46% / 48% at 2e-3), shape 4% (26%), mix-ups 10% (47%); unseen long:
+  mix-ups 30% (51%), background 42%, position 41%; Chinese: 0% seen, 5% unseen (15%).
+  `binding_probe` on it: object's colour right 91.5% (seen templates; the background's
+  given instead 8.5%), unseen templates 72.7% (24.5%).
+  Long queries in unseen phrasings stay the weak spot (unseen clause templates
   such as "{x} was the background colour" name the background and a colour word in
   one breath). `usage_report` and RESULTS.md measure it on every run.
 
