@@ -22,9 +22,9 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   often for long inputs as for short ones (`P_DROP`).
 - It reads long inputs in seen phrasings nearly as well as Chinese ones. For a long
   time it did not: trained at a learning rate of 2e-3 it never learned which colour of
-  a rambling paragraph is the object's and which the background's, and named the two colours in either order (in
-  the whole example: colour wrong 46%, background 48% of held-out long queries;
-  Chinese 0%). `binding_probe` (`python -m examples.shapes.rewriter MODEL_DIR
+  a rambling paragraph is the object's and which the background's, and named the two
+  colours in either order (in the whole example: colour wrong 46%, background 48% of
+  held-out long queries; Chinese 0%). `binding_probe` (`python -m examples.shapes.rewriter MODEL_DIR
   --binding`) asks for every pair of an object-colour and a background clause template
   (`the shape itself was coloured {a}` ... `the whole background was {b}`), 24 colour
   pairs each, fillers around, all else fixed: that model (measured by the probe's first
