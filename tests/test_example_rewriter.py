@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -92,6 +93,40 @@ def test_binding_probe_tells_a_reader_from_a_colour_bag():
     }
     assert rewriter.binding_score(swapped, colours)["object_given_background"] == 1.0
     assert rewriter.binding_score(swapped, colours)["object"] == 0.0
+
+
+def test_garble_keeps_values_and_cues_and_swaps_only_for_seen_words():
+    """The garbled long inputs keep what says the answer and never leak the held-out
+    phrasings: a swap is always a word the seen phrasings have."""
+    scene = world.Scene(
+        file="f.jpg", shape="ring", color="green", background="purple", position="top", size="small"
+    )
+    rng = random.Random(0)
+    seen = [
+        *world.FILLER["seen"],
+        *(t for ts in world.LONG_CLAUSES["seen"].values() for t in ts),
+        *(t for ts in world.LONG_POS["seen"].values() for t in ts),
+    ]
+    seen_words = {w for t in seen for w in re.findall(r"[a-z]+", t.lower())}
+    changed = 0
+    for _ in range(50):
+        text = world.query_long(scene, rng)
+        out = rewriter.garble(text, rng, 0.5)
+        a, b = text.split(), out.split()
+        for x, y in zip(a, b, strict=True):
+            core = "".join(c for c in x if c.isalpha() or c == "-").lower()
+            if core in rewriter._KEPT:
+                assert x == y
+            elif x != y:
+                changed += 1
+                swap = "".join(c for c in y if c.isalpha() or c == "-").lower()
+                assert swap in seen_words
+        for value in ("ring", "green", "small", "top", "purple"):
+            assert len(rewriter._find(out.lower(), value)) == len(
+                rewriter._find(text.lower(), value)
+            )
+    assert changed > 200  # about half of ~25 swappable words in each of 50 queries
+    assert rewriter.garble("a green ring", random.Random(0), 0.0) == "a green ring"
 
 
 def test_base_targets_drop_as_often_for_long_inputs():
