@@ -55,7 +55,8 @@ FULL = {
     # policy back instead (beta 0.04: zh R@1 .698; 0.2: .430). examples/shapes/README.md.
     "learning_rate": 2e-4,
     # The composed GRPO keeps 1e-4: at 2e-4 its held-out R@10 was 0.25 at step 500
-    # against 0.40 (4e-4: 0.07).
+    # against 0.40 (4e-4: 0.07). Again on the e58765a run's world (`rank`, checkpoint
+    # set R@10 at step 300): 2e-4 0.48 against 0.72.
     "compose_learning_rate": 1e-4,
     "beta": 0.0,
     "eval_every": 50,
@@ -63,7 +64,9 @@ FULL = {
     "vlm_sft_steps": None,
     # 400 steps stopped while held-out R@10 still rose (best checkpoint: the last, for
     # both rewards). 800 on the same world and base VLM (2026-12-04): held-out R@10 rank
-    # 0.355 -> 0.465, similarity 0.383 -> 0.555; best checkpoints 700 and 750.
+    # 0.355 -> 0.465, similarity 0.383 -> 0.555; best checkpoints 700 and 750. 1,000
+    # `rank` steps on the e58765a run's world: held-out R@10 0.752 (800: 0.755), though
+    # the checkpoint set rose to 0.81 (0.775); and 3.5 more minutes.
     "compose_grpo_steps": 800,
 }
 QUICK = {
