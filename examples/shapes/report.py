@@ -256,6 +256,34 @@ def write_results(work: Path, results: dict, names: dict[str, str], clip) -> Pat
     return path
 
 
+def _miss_lines(work: Path, results: dict) -> list[str]:
+    """Why the composed rewriters' held-out rewrites miss the first page, by attribute."""
+    from examples.shapes.vlm import compose_misses
+    from examples.shapes.world import load_scenes
+
+    names = results["compose_names"]
+    specs = [s for s, n in names.items() if n not in COMPOSE_BASELINES]
+    scenes = load_scenes(work / "corpus")
+    lines = [
+        "Why rewrites miss the first page: of the held-out queries whose target ranks past "
+        "10, the share whose rewrite names a wrong value, for the attributes read off the "
+        "reference image (and for any the edit names):",
+        "",
+        "| rewriter | shift | misses | " + " | ".join(ATTRIBUTES) + " | edited |",
+        "|---|---|---|" + "---|" * (len(ATTRIBUTES) + 1),
+    ]
+    for shift in COMPOSE_SHIFTS:
+        misses = compose_misses(work / "eval" / f"per-query-{shift}.jsonl", scenes, specs)
+        for spec in specs:
+            m = misses[spec]
+            lines.append(
+                f"| {names[spec]} | {shift} | {m['misses']}/{m['queries']} | "
+                + " | ".join(f"{m.get(f'{a} read_off_image', 0):.0%}" for a in ATTRIBUTES)
+                + f" | {m.get('any edited', 0):.0%} |"
+            )
+    return [*lines, ""]
+
+
 def compose_lines(work: Path, results: dict, clip) -> list[str]:
     """The composed-query tables: the baselines a user has without grape, the base VLM,
     each GRPO reward and the oracle (the target's own English caption)."""
@@ -316,6 +344,7 @@ def compose_lines(work: Path, results: dict, clip) -> list[str]:
                 f"| {s['top_nontarget_cos']:.3f} | {s['random_cos']:.3f} |"
             )
     lines.append("")
+    lines += _miss_lines(work, results)
     reading = results.get("compose_reading", {})
     if reading:
         lines += [

@@ -445,6 +445,34 @@ def reading_report(model_dir, scenes: list[Scene], targets: list[Scene], seed: i
     return report
 
 
+def compose_misses(per_query: Path, scenes: list[Scene], rewriters: list[str]) -> dict:
+    """Why composed queries miss the first page: for each of `rewriters` (keys of a
+    `grape eval --per-query` file), of the queries whose target ranks past 10, the share
+    whose rewrite names a wrong value for each attribute, split into the attributes read
+    off the reference image and those the edit names. A miss can count under several."""
+    by_stem = {Path(s.file).stem: s for s in scenes}
+    rows = [json.loads(line) for line in per_query.read_text(encoding="utf-8").splitlines()]
+    out = {}
+    for name in rewriters:
+        wrong, n = Counter(), 0
+        for r in rows:
+            if r["rank"][name] <= 10 or not r["rewrites"][name]:
+                continue
+            n += 1
+            target, ref = (by_stem[Path(f).stem] for f in (r["targets"][0], r["image"]))
+            usage = word_usage(r["rewrites"][name][0], target)
+            edits = {a for a in ATTRIBUTES if getattr(ref, a) != getattr(target, a)}
+            for a in ATTRIBUTES:
+                wrong[a, "edited" if a in edits else "read_off_image"] += usage[a] == "wrong"
+            wrong["any", "edited"] += any(usage[a] == "wrong" for a in edits)
+        out[name] = {
+            "misses": n,
+            "queries": len(rows),
+            **{f"{a} {part}": round(k / max(1, n), 3) for (a, part), k in sorted(wrong.items())},
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
