@@ -132,8 +132,8 @@ BATCH = 16
 # the language model is trained and has to learn to read the image token.
 LR, LM_LR, WARMUP = 2e-4, 1e-3, 30
 # While supervised, the image token goes on naming the reference's shape, colour,
-# position, size and background through the pretraining's word heads (frozen), at this weight next to
-# the caption's loss. Without it the tower drifted from the word directions (shape's
+# position, size and background through the pretraining's word heads (frozen), at this
+# weight next to the caption's loss. Without it the tower drifted from the word directions (shape's
 # nearest word right for 18% of held-out images after 1,000 steps). Measured on 200
 # held-out targets, attributes read off the image wrong: 37% -> 33% (shape 85% -> 57%,
 # position 37% -> 0%, size 3% -> 0%), but the background 32% -> 85%: with any weight
@@ -252,7 +252,9 @@ def pretrain_vision(model, processor, held_out: list[Scene], steps: int, rng, n_
     embed = model.model.language_model.embed_tokens.weight.detach()
     tok = processor.tokenizer
     for a in WORD_HEADS:  # each value's word is one token of the example's tokenizer
-        ids = [tok.convert_tokens_to_ids(tok.tokenize(_word(a, w)))[0] for w in values[a]]
+        pieces = [tok.tokenize(_word(a, w)) for w in values[a]]
+        assert all(len(p) == 1 for p in pieces), f"{a} words split by the tokenizer: {pieces}"
+        ids = tok.convert_tokens_to_ids([p[0] for p in pieces])
         heads[a].weight.data.copy_(embed[ids] * 4.0)  # x4: sharper softmax at this norm
         heads[a].requires_grad_(False)
         heads[a].bias.data.zero_()
