@@ -1,12 +1,10 @@
 """The shapes example's composed-query analysis (`examples.shapes.vlm.compose_misses`)."""
 
-import json
-
 from examples.shapes import world
 from examples.shapes.vlm import compose_misses
 
 
-def test_compose_misses_counts_wrong_values_of_misses_only(tmp_path):
+def test_compose_misses_counts_wrong_values_of_misses_only():
     ref = world.Scene("ref.jpg", "square", "red", "blue", "top", "small")
     target = world.Scene("t.jpg", "square", "green", "blue", "top", "small")  # colour edited
     rows = [  # rank past 10: background wrong (read off the image), the edit wrong
@@ -19,9 +17,7 @@ def test_compose_misses_counts_wrong_values_of_misses_only(tmp_path):
         {"image": "/x/ref.jpg", "targets": ["/x/t.jpg"], "rank": {"m": 3},
          "rewrites": {"m": ["a large purple circle, white background"]}},
     ]  # fmt: skip
-    per_query = tmp_path / "per-query.jsonl"
-    per_query.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    out = compose_misses(per_query, [ref, target], ["m"])["m"]
+    out = compose_misses(rows, [ref, target], ["m"])["m"]
     assert (out["misses"], out["queries"]) == (2, 3)
     assert out["background read_off_image"] == 0.5
     assert out["color edited"] == 0.5 and out["any edited"] == 0.5

@@ -273,7 +273,7 @@ def _miss_lines(work: Path, results: dict) -> list[str]:
         "|---|---|---|" + "---|" * (len(ATTRIBUTES) + 1),
     ]
     for shift in COMPOSE_SHIFTS:
-        misses = compose_misses(work / "eval" / f"per-query-{shift}.jsonl", scenes, specs)
+        misses = compose_misses(_records(work / "eval" / f"per-query-{shift}.jsonl"), scenes, specs)
         for spec in specs:
             m = misses[spec]
             lines.append(

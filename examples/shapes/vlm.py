@@ -133,8 +133,8 @@ BATCH = 16
 LR, LM_LR, WARMUP = 2e-4, 1e-3, 30
 # While supervised, the image token goes on naming the reference's shape, colour,
 # position, size and background through the pretraining's word heads (frozen), at this
-# weight next to the caption's loss. Without it the tower drifted from the word directions (shape's
-# nearest word right for 18% of held-out images after 1,000 steps). Measured on 200
+# weight next to the caption's loss. Without it the tower drifted from the word
+# directions (shape's nearest word right for 18% of held-out images after 1,000 steps). Measured on 200
 # held-out targets, attributes read off the image wrong: 37% -> 33% (shape 85% -> 57%,
 # position 37% -> 0%, size 3% -> 0%), but the background 32% -> 85%: with any weight
 # (0.1 or 0.5) and any set of anchored heads, the language model stopped reading it,
@@ -465,13 +465,13 @@ def reading_report(model_dir, scenes: list[Scene], targets: list[Scene], seed: i
     return report
 
 
-def compose_misses(per_query: Path, scenes: list[Scene], rewriters: list[str]) -> dict:
-    """Why composed queries miss the first page: for each of `rewriters` (keys of a
-    `grape eval --per-query` file), of the queries whose target ranks past 10, the share
-    whose rewrite names a wrong value for each attribute, split into the attributes read
-    off the reference image and those the edit names. A miss can count under several."""
+def compose_misses(rows: list[dict], scenes: list[Scene], rewriters: list[str]) -> dict:
+    """Why composed queries miss the first page: for each of `rewriters` (keys of the
+    records of a `grape eval --per-query` file), of the queries whose target ranks past
+    10, the share whose rewrite names a wrong value for each attribute, split into the
+    attributes read off the reference image and those the edit names. A miss can count
+    under several."""
     by_stem = {Path(s.file).stem: s for s in scenes}
-    rows = [json.loads(line) for line in per_query.read_text(encoding="utf-8").splitlines()]
     out = {}
     for name in rewriters:
         wrong, n = Counter(), 0
