@@ -123,6 +123,27 @@ def test_long_queries_are_long_and_en_captions_short(phrasing):
         assert re.search(rf"\b{s.background}\b", core, re.I) and len(core.split()) < 60
 
 
+def test_scrambled_long_query_keeps_each_clause_words_in_another_order():
+    # Same draws as the plain query: each clause's words shuffled, none lost or added.
+    scene = world.make_scenes(1, seed=3)[0]
+    plain = world.query_long(scene, random.Random(5), fillers=False)
+    scrambled = world.query_long(scene, random.Random(5), fillers=False, scramble=True)
+    assert scrambled != plain
+    bag = lambda text: sorted(re.findall(r"[a-z]+", text.lower()))  # noqa: E731
+    assert bag(scrambled) == bag(plain)
+
+
+def test_scrambled_chinese_query_keeps_its_words_and_punctuation():
+    scene = world.make_scenes(1, seed=3)[0]
+    for t in range(10):
+        plain = world.query_zh(scene, random.Random(t))
+        scrambled = world.query_zh(scene, random.Random(t), scramble=True)
+        # Same characters, the punctuation marks where they were.
+        assert sorted(scrambled) == sorted(plain)
+        marks = lambda q: [(i, c) for i, c in enumerate(q) if c in world._ZH_MARKS]  # noqa: E731
+        assert marks(scrambled) == marks(plain)
+
+
 _VALUES = [
     *world.SHAPES,
     *world.COLORS,

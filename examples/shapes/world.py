@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -292,8 +293,14 @@ ZH_TEMPLATES = {
 }
 
 
-def query_zh(scene: Scene, rng: random.Random, phrasing: str = "seen") -> str:
-    return rng.choice(ZH_TEMPLATES[phrasing]).format(
+def query_zh(
+    scene: Scene, rng: random.Random, phrasing: str = "seen", scramble: bool = False
+) -> str:
+    """One Chinese query. `scramble=True` shuffles the words of each part between
+    punctuation marks (a value word, or a run of the characters between them, is one
+    word): a training augmentation, so which colour is the background's is told by its
+    word (红色背景) or a 背景 beside it, not by where a template puts it."""
+    query = rng.choice(ZH_TEMPLATES[phrasing]).format(
         size=ZH_SIZES[scene.size],
         color=ZH_COLORS[scene.color],
         shape=ZH_SHAPES[scene.shape],
@@ -301,6 +308,34 @@ def query_zh(scene: Scene, rng: random.Random, phrasing: str = "seen") -> str:
         bg=ZH_COLORS[scene.background] + "背景",
         bgc=ZH_COLORS[scene.background],
     )
+    if not scramble:
+        return query
+    parts = []
+    for part in _ZH_PUNCT.split(query):
+        words = [w for w in _ZH_WORDS.split(part) if w] if part not in _ZH_MARKS else [part]
+        parts.append("".join(rng.sample(words, len(words))))
+    return "".join(parts)
+
+
+_ZH_MARKS = "，。；：？（）"
+_ZH_PUNCT = re.compile(f"([{_ZH_MARKS}])")
+_ZH_WORDS = re.compile(
+    "("
+    + "|".join(
+        sorted(
+            {
+                *(c + "背景" for c in ZH_COLORS.values()),
+                *ZH_COLORS.values(),
+                *ZH_SHAPES.values(),
+                *ZH_SIZES.values(),
+                *ZH_POSITIONS.values(),
+            },
+            key=len,
+            reverse=True,
+        )
+    )
+    + ")"
+)
 
 
 FILLER = {
@@ -437,15 +472,23 @@ LONG_STRUCTURES = {
 
 
 def query_long(
-    scene: Scene, rng: random.Random, phrasing: str = "seen", fillers: bool = True
+    scene: Scene,
+    rng: random.Random,
+    phrasing: str = "seen",
+    fillers: bool = True,
+    scramble: bool = False,
 ) -> str:
     """Filler, and the five attributes scattered over rambling clauses in random order.
 
     The fillers alone are about as long as the retriever's 32-token window, so the
     description is mostly cut off; what survives is buried in words the retriever never
-    saw. `fillers=False` gives the rambling description alone.
+    saw. `fillers=False` gives the rambling description alone; `scramble=True` puts
+    each clause's words in random order (a training augmentation: which colour is the
+    background's is then told only by the words around it, not by where they stand).
     """
     clauses = _long_clauses(scene, rng, phrasing)
+    if scramble:
+        clauses = [" ".join(rng.sample(c.split(), len(c.split()))) for c in clauses]
     pool = FILLER[phrasing] if fillers else []
     # Without fillers, one empty head keeps every structure's h[0] valid; strip() below.
     head = rng.sample(pool, rng.randint(2, 3)) if pool else [""]
