@@ -56,8 +56,12 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   such as "{x} was the background colour" name the background and a colour word in
   one breath). Garbling half of the long training inputs (`GARBLE`) took the whole
   example's unseen long reading to mix-ups 22%, background wrong 24%, position wrong
-  23% (dropped 18%); seen long mix-ups 6%. `usage_report` and RESULTS.md measure it
-  on every run.
+  23% (dropped 18%); seen long mix-ups 6%. But the same code on another machine gave
+  26% seen, 42% unseen: floating-point luck. Scrambling 30% of the long and Chinese
+  training inputs (`SCRAMBLE`) at 7e-4 made the seen long reading hold in every draw
+  measured (mix-ups 0.3-1.3%, the whole example 1%); unseen long 18-31%, unseen
+  Chinese 0-14% (the whole example 25% and 14%). `usage_report` and RESULTS.md measure
+  it on every run.
 
 GRPO can only amplify what the policy already samples (measured while building this
 example: with the right word in none of the supervised targets, GRPO went nowhere; with
