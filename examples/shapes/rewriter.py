@@ -214,8 +214,8 @@ GARBLE = (0.5, 0.15)
 # scramble=True). Seen templates always put a colour in the same place beside its cue, so
 # the model learned the places, and how well it did was a matter of floating-point luck:
 # the same code at 1e-3 read seen long queries with colour mix-ups of 6% on one machine
-# and 26-32% on another. Scrambled, the only thing that tells the background's colour is
-# the word beside it ("backdrop", 红色背景), wherever it stands. Base rewriter alone, two
+# and 26-32% on another. Scrambled, only the words around a colour ("backdrop", 红色背景)
+# tell whose it is, not where they stand. Base rewriter alone, two
 # floating-point draws (one thread, AVX-512 / AVX2), 400 held-out scenes, colour mix-ups
 # seen long / unseen long / unseen Chinese: 7e-4 without scrambling 1.0 / 30 / 24% and
 # 2.2 / 35 / 0.3%; long scrambled 0.3 / 31 / 34% and 0.5 / 18 / 0.7%; both scrambled
@@ -289,8 +289,8 @@ def base_caption(scene: Scene, rng: random.Random) -> str:
 
 def make_example(scene: Scene, rng: random.Random, kind: str) -> tuple[str, str]:
     """(query, target) for one scene and input kind: 'zh', 'long', 'clauses' (a long
-    query's description without its fillers) or 'en'. Long ones are garbled now and
-    then (`GARBLE`)."""
+    query's description without its fillers) or 'en'. Long and Chinese ones are
+    scrambled now and then (`SCRAMBLE`), long ones garbled (`GARBLE`)."""
     if kind in ("long", "clauses"):
         scramble = rng.random() < SCRAMBLE["long"]
         query = query_long(scene, rng, fillers=kind == "long", scramble=scramble)
