@@ -312,26 +312,32 @@ def query_zh(
         return query
     parts = []
     for part in _ZH_PUNCT.split(query):
-        words = [w for w in _ZH_WORDS.split(part) if w] if part not in _ZH_MARKS else [part]
+        words = [w for w in ZH_WORDS.split(part) if w] if part not in _ZH_MARKS else [part]
         parts.append("".join(rng.sample(words, len(words))))
     return "".join(parts)
 
 
 _ZH_MARKS = "，。；：？（）"
 _ZH_PUNCT = re.compile(f"([{_ZH_MARKS}])")
-_ZH_WORDS = re.compile(
+# Chinese cut into words: each value word is one, and a colour + 背景 is one word too, so
+# the background's colour never looks like the object's (`query_zh`'s scrambling; the
+# example's tokenizer corpus, rewriter.py). Longest first: 红色背景 before 红色.
+ZH_WORDS = re.compile(
     "("
     + "|".join(
-        sorted(
-            {
-                *(c + "背景" for c in ZH_COLORS.values()),
-                *ZH_COLORS.values(),
-                *ZH_SHAPES.values(),
-                *ZH_SIZES.values(),
-                *ZH_POSITIONS.values(),
-            },
-            key=len,
-            reverse=True,
+        map(
+            re.escape,
+            sorted(
+                {
+                    *(c + "背景" for c in ZH_COLORS.values()),
+                    *ZH_COLORS.values(),
+                    *ZH_SHAPES.values(),
+                    *ZH_SIZES.values(),
+                    *ZH_POSITIONS.values(),
+                },
+                key=len,
+                reverse=True,
+            ),
         )
     )
     + ")"
