@@ -358,6 +358,12 @@ FILLER = {
         "I think I downloaded it from an old email but the email is gone now.",
         "Sorry for the long message, I have been looking for ages.",
         "It might have been in the folder from my old laptop.",
+        "I have looked in every album on my phone and it is not there.",
+        "My sister says she has a copy but she never answers her messages.",
+        "It is a really basic picture but it matters to me.",
+        "I used it as a wallpaper for a while, then I changed phones.",
+        "The file might have been renamed when I backed everything up.",
+        "I would be so grateful if you could find it for me.",
     ],
     "unseen": [
         "This is going to sound silly but I really need that one image back.",
@@ -379,6 +385,12 @@ LONG_CLAUSES = {
             "I keep thinking of the {x} in it",
             "it showed a single {x}",
             "{x} is what it was, I think",
+            "it was a {x}",
+            "the shape was a {x}",
+            "it looked like a {x} to me",
+            "there was a {x} in it",
+            "the picture had a {x} in it",
+            "I remember a {x}",
         ],
         "color": [
             "it was {x}, kind of a {x} colour I believe",
@@ -386,6 +398,13 @@ LONG_CLAUSES = {
             "it was {x}",
             "the shape itself was coloured {x}",
             "{x}, that was its colour",
+            "the shape was {x}",
+            "it was painted {x}",
+            "the thing itself was {x}",
+            "it was a {x} colour",
+            "I remember it being {x}",
+            "{x} is what it was painted",
+            "its colour was {x}",
         ],
         "size": [
             "it was pretty {x} compared to the picture",
@@ -393,6 +412,11 @@ LONG_CLAUSES = {
             "I would call it {x}",
             "size-wise it was {x}",
             "{x} compared to the rest of the picture",
+            "it was quite {x}",
+            "the size was {x}",
+            "it was {x} in size",
+            "kind of {x}",
+            "it looked {x}",
         ],
         "background": [
             "behind it everything was {x}",
@@ -400,6 +424,14 @@ LONG_CLAUSES = {
             "with a plain {x} background",
             "the backdrop was {x}",
             "{x} in the background",
+            "the background was {x}",
+            "on a {x} background",
+            "set against a {x} background",
+            "everything behind it was {x}",
+            "the colour behind it was {x}",
+            "a {x} backdrop",
+            "{x} behind it",
+            "the area around it was {x}",
         ],
     },
     "unseen": {
@@ -427,11 +459,41 @@ LONG_CLAUSES = {
 }
 LONG_POS = {
     "seen": {
-        "left": ["it sat over on the left side", "it was placed towards the left"],
-        "right": ["it was off to the right", "it was placed towards the right"],
-        "top": ["it was up at the top", "it was near the top of the frame"],
-        "bottom": ["it was down at the bottom", "it was near the bottom of the frame"],
-        "center": ["it was right in the center", "it was placed in the center"],
+        "left": [
+            "it sat over on the left side",
+            "it was placed towards the left",
+            "it was on the left",
+            "over on the left of the picture",
+            "the left side is where it was",
+        ],
+        "right": [
+            "it was off to the right",
+            "it was placed towards the right",
+            "it was on the right",
+            "over on the right of the picture",
+            "the right side is where it was",
+        ],
+        "top": [
+            "it was up at the top",
+            "it was near the top of the frame",
+            "it was high up in the picture",
+            "at the top, I think",
+            "the top is where it was",
+        ],
+        "bottom": [
+            "it was down at the bottom",
+            "it was near the bottom of the frame",
+            "it was low in the picture",
+            "at the bottom, I think",
+            "the bottom is where it was",
+        ],
+        "center": [
+            "it was right in the center",
+            "it was placed in the center",
+            "it was in the middle of the picture",
+            "in the center, I think",
+            "the center is where it was",
+        ],
     },
     "unseen": {
         "left": ["you would find it at the left edge"],
@@ -465,6 +527,10 @@ LONG_STRUCTURES = {
         lambda c, h, t: " ".join([*h, *map(_sentence, c), *t]),
         # Filler, then a colon-led list.
         lambda c, h, t: " ".join([*h, "What I remember: " + "; ".join(c) + ".", *t]),
+        # The description between two fillers, one sentence.
+        lambda c, h, t: " ".join([h[0], "Basically, " + ", ".join(c) + ".", *h[1:], *t]),
+        # Filler, then "I remember that a and b and c."
+        lambda c, h, t: " ".join([*h, "I remember that " + " and ".join(c) + ".", *t]),
     ],
     "unseen": [
         # The description first, the rambling after.
@@ -493,13 +559,15 @@ def query_long(
     background's is then told only by the words around it, not by where they stand).
     """
     clauses = _long_clauses(scene, rng, phrasing)
-    if scramble:
-        clauses = [" ".join(rng.sample(c.split(), len(c.split()))) for c in clauses]
     pool = FILLER[phrasing] if fillers else []
     # Without fillers, one empty head keeps every structure's h[0] valid; strip() below.
     head = rng.sample(pool, rng.randint(2, 3)) if pool else [""]
     tail = rng.sample([f for f in pool if f not in head], rng.randint(0, 1)) if pool else []
-    return rng.choice(LONG_STRUCTURES[phrasing])(clauses, head, tail).strip()
+    structure = rng.choice(LONG_STRUCTURES[phrasing])
+    # Drawn last, so a scrambled query has the plain one's clauses, fillers and structure.
+    if scramble:
+        clauses = [" ".join(rng.sample(c.split(), len(c.split()))) for c in clauses]
+    return structure(clauses, head, tail).strip()
 
 
 # --------------------------------------------------------------------------- splits
