@@ -272,7 +272,8 @@ def fill_template(template: str, scene: Scene) -> str:
 # position (2), 18 fillers (12), 5 structures (3); plain clauses, no hedges. The base
 # rewriter alone (two floating-point draws, 400 held-out scenes): unseen long position
 # wrong 0-1.5% (17%), colour mix-ups 14-26% (25-31%), the binding probe's unseen
-# templates 81-85% right (61-73%); seen long mix-ups 3-6% (0.3-1.3%). The whole example:
+# templates 81-85% right (the run before's base: 87.5%; colour binding did not
+# improve); seen long mix-ups 3-6% (0.3-1.3%). The whole example:
 # examples/shapes/README.md, "Results with more varied seen long phrasings".
 PHRASINGS = ("seen", "unseen")
 
