@@ -123,6 +123,16 @@ def test_long_queries_are_long_and_en_captions_short(phrasing):
         assert re.search(rf"\b{s.background}\b", core, re.I) and len(core.split()) < 60
 
 
+def test_only_background_clauses_carry_a_background_cue():
+    """Whose colour a clause gives is said by its words, in seen and unseen phrasings
+    alike: every background clause has a cue, no object-colour clause has one."""
+    cue = re.compile(r"\b(background|backdrop|behind|around it)\b")
+    for ph in world.PHRASINGS:
+        clauses = world.LONG_CLAUSES[ph]
+        assert all(cue.search(t) for t in clauses["background"]), ph
+        assert not any(cue.search(t) for t in clauses["color"]), ph
+
+
 def test_scrambled_long_query_keeps_each_clause_words_in_another_order():
     # Same draws as the plain query: each clause's words shuffled, none lost or added.
     scene = world.make_scenes(1, seed=3)[0]

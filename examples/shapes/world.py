@@ -384,7 +384,8 @@ FILLER = {
     ],
 }
 # One clause per attribute; {x} is the value. Colour clauses name the object, background
-# clauses always carry a cue (background, backdrop, behind), as a person would.
+# clauses always carry a cue (background, backdrop, behind, around it), as a person
+# would; tests/test_example_world.py checks both.
 LONG_CLAUSES = {
     "seen": {
         "shape": [
