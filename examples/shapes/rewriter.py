@@ -63,7 +63,8 @@ Its targets imitate an LLM's own house style, so its imperfection is realistic a
   Chinese 0-14% (the whole example 25% and 14%). Far more varied seen long phrasings
   (world.py, 873db2b) took unseen long position wrong from 17% to 0-2%; colour binding
   did not improve (the binding probe's unseen templates 81-85% against 87.5%, unseen
-  long mix-ups 14-26%), seen long mix-ups rose to 3-6%. `usage_report` and RESULTS.md measure it on every run.
+  long mix-ups 14-26%), seen long mix-ups rose to 3-6%. `usage_report` and RESULTS.md
+  measure it on every run.
 
 GRPO can only amplify what the policy already samples (measured while building this
 example: with the right word in none of the supervised targets, GRPO went nowhere; with
